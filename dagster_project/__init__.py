@@ -1,0 +1,1 @@
+"""Dagster wiring: Definitions, partitions, jobs and profiles."""

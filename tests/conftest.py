@@ -1,0 +1,80 @@
+"""Shared fixtures: a real on-disk Dagster instance, seed folders built from the real COCO
+captions in ../shared/data, and resource sets for the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from dagster_project.profiles import build_resources
+from unicorn_resources.llm import FakeLLM, LLMResource
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COCO_CAPTIONS = SHARED_DATA / "coco_val2017_captions_dev.jsonl"
+COCO_PAIRS = SHARED_DATA / "coco_mini_val2017" / "pairs.jsonl"
+
+
+def coco_captions(n: int, offset: int = 0, one_per_image: bool = True) -> list[dict[str, Any]]:
+    """Real COCO captions (CC BY 4.0) from ../shared/data."""
+    if not COCO_CAPTIONS.exists():
+        pytest.fail(f"{COCO_CAPTIONS} is missing: the tests read real captions from ../shared/data")
+    rows, seen = [], set()
+    with COCO_CAPTIONS.open() as handle:
+        for line in handle:
+            rec = json.loads(line)
+            if one_per_image and rec["image_id"] in seen:
+                continue
+            seen.add(rec["image_id"])
+            rows.append(rec)
+            if len(rows) >= n + offset:
+                break
+    return rows[offset:]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def instance(tmp_path: Path):
+    """A real, persistent (SQLite-backed) Dagster instance in a temporary DAGSTER_HOME."""
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
+        yield inst
+
+
+@pytest.fixture
+def seed_dir(tmp_path: Path) -> Path:
+    """Two small seed shards of real COCO captions."""
+    folder = tmp_path / "seeds"
+    write_jsonl(folder / "shard-a.jsonl", coco_captions(4))
+    write_jsonl(folder / "shard-b.jsonl", coco_captions(4, offset=4))
+    return folder
+
+
+def make_resources(data_dir: Path, seed_location: Path | str, llm: LLMResource | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+    """The resources of the `local` profile, pointed at test folders."""
+    profile: dict[str, Any] = {
+        "storage": {"base_uri": str(data_dir)},
+        "seeds": {"location": str(seed_location)},
+        "llm": {"backend": "fake"},
+        "quality_gates": {"caption_min_median_words": 5},
+    }
+    for section, values in overrides.items():
+        profile[section] = {**profile.get(section, {}), **values}
+    resources = build_resources(profile)
+    if llm is not None:
+        resources["llm"] = llm
+    return resources
+
+
+@pytest.fixture
+def fake_llm() -> FakeLLM:
+    return FakeLLM()

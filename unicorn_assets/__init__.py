@@ -1,0 +1,1 @@
+"""Unicorn assets: one module per stage (with its checks); the stage logic lives in `logic/`."""

@@ -1,0 +1,1 @@
+"""Stage logic: plain functions over Polars frames, with no Dagster in them."""

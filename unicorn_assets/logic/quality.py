@@ -1,0 +1,74 @@
+"""Data-quality rules as plain functions over frames. The Dagster checks wrap these."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from unicorn_assets.logic.dedup import exact_jaccard_pair_rate
+
+
+@dataclass(frozen=True)
+class Outcome:
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def schema_matches(frame: pl.DataFrame | pl.Schema, expected: pl.Schema) -> Outcome:
+    actual = frame if isinstance(frame, pl.Schema) else frame.schema
+    missing = [c for c in expected.names() if c not in actual]
+    wrong = {c: f"{actual[c]} (expected {t})" for c, t in expected.items()
+             if c in actual and actual[c] != t}
+    ok = not missing and not wrong
+    return Outcome(ok, "schema matches" if ok else f"missing {missing}, wrong types {wrong}",
+                   {"missing": missing, "wrong_types": wrong})
+
+
+def non_empty(frame: pl.DataFrame) -> Outcome:
+    return Outcome(frame.height > 0, f"{frame.height} rows", {"rows": frame.height})
+
+
+def unique(frame: pl.DataFrame, column: str) -> Outcome:
+    dupes = frame.height - frame[column].n_unique()
+    return Outcome(dupes == 0, f"{dupes} duplicate {column}(s)", {"duplicates": dupes})
+
+
+def null_rates(frame: pl.DataFrame, columns: Sequence[str], max_rate: float) -> Outcome:
+    if frame.height == 0:
+        return Outcome(True, "no rows", {})
+    rates = {c: frame[c].null_count() / frame.height for c in columns}
+    bad = {c: r for c, r in rates.items() if r > max_rate}
+    return Outcome(not bad, f"columns over {max_rate:.0%} null: {sorted(bad)}" if bad
+                   else "null rates within bound", {"null_rates": rates})
+
+
+def length_distribution(word_counts: pl.Series, min_median: float, max_median: float,
+                        max_p95: float) -> Outcome:
+    if word_counts.len() == 0:
+        return Outcome(False, "no captions to measure", {})
+    stats = {"min": int(word_counts.min()), "median": float(word_counts.median()),
+             "p95": float(word_counts.quantile(0.95)), "max": int(word_counts.max())}
+    ok = min_median <= stats["median"] <= max_median and stats["p95"] <= max_p95
+    return Outcome(ok, f"median {stats['median']:.0f} words (allowed {min_median}-{max_median}), "
+                   f"p95 {stats['p95']:.0f} (max {max_p95})", {"words": stats})
+
+
+def reject_rate(kept: int, rejected: int, max_rate: float,
+                by_reason: dict[str, int] | None = None) -> Outcome:
+    total = kept + rejected
+    rate = rejected / total if total else 0.0
+    return Outcome(rate <= max_rate, f"reject rate {rate:.1%} (max {max_rate:.0%})",
+                   {"reject_rate": rate, "rejected": rejected, "total": total,
+                    "by_reason": by_reason or {}})
+
+
+def near_duplicate_rate(texts: Sequence[str], threshold: float, max_rate: float,
+                        sample: int = 400) -> Outcome:
+    """Measured with exact shingle Jaccard on a sample, independent of the MinHash filter."""
+    rate, examined = exact_jaccard_pair_rate(texts, threshold, sample=sample)
+    return Outcome(rate <= max_rate, f"{rate:.1%} near duplicates in {examined} sampled "
+                   f"(max {max_rate:.0%})", {"near_duplicate_rate": rate, "sampled": examined})

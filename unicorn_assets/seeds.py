@@ -1,0 +1,68 @@
+"""`caption_seeds` (and `caption_seed_rejects`): one seed file per shard, parsed and de-duplicated."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+import polars as pl
+
+from dagster_project.partitions import seed_shards
+from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.logic import quality
+from unicorn_assets.logic.seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
+from unicorn_assets.metadata import frame_metadata
+from unicorn_resources.quality import QualityGates
+from unicorn_resources.seeds import SeedSource
+
+
+@dg.multi_asset(
+    outs={
+        "caption_seeds": dg.AssetOut(
+            description="Seed captions of one shard: whitespace-normalised, ids filled, label seeds "
+            "expanded into templates, empty and duplicate captions removed.",
+            kinds={"polars", "parquet"}),
+        "caption_seed_rejects": dg.AssetOut(
+            description="Every seed line that did not become a seed, with file, line and reason.",
+            kinds={"polars", "parquet"}),
+    },
+    partitions_def=seed_shards,
+    group_name="unicorn_seeds",
+)
+def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource) -> Iterator[dg.Output]:
+    shard = context.partition_key
+    result = seeds.read_shard(shard)
+    bad = sum(n for reason, n in result.counts.items() if reason in BAD_LINE_REASONS)
+    if bad:
+        context.log.warning(f"{shard}: {bad} malformed line(s) skipped into caption_seed_rejects: "
+                            + "; ".join(result.rejects["detail"].head(3).to_list()))
+    yield dg.Output(result.seeds, "caption_seeds", metadata=frame_metadata(
+        result.seeds, ["seed_id", "seed_kind", "caption"], lines_read=result.lines_read,
+        rejects_by_reason=result.counts, source_file=result.seeds["source_file"][0]
+        if result.seeds.height else seeds.file_for(shard)))
+    yield dg.Output(result.rejects, "caption_seed_rejects", metadata=frame_metadata(
+        result.rejects, ["source_line", "reason", "detail"], rejects_by_reason=result.counts))
+
+
+@dg.asset_check(asset="caption_seeds", name="malformed_line_rate", blocking=True,
+                partitions_def=seed_shards,
+                additional_ins={"rejects": dg.AssetIn("caption_seed_rejects")},
+                description="share of malformed seed lines under quality_gates.seed_max_reject_rate")
+def caption_seeds_malformed_rate(quality_gates: QualityGates, caption_seeds: pl.DataFrame,
+                                 rejects: pl.DataFrame) -> dg.AssetCheckResult:
+    bad = rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
+    by_reason = dict(bad.group_by("reason").len().iter_rows())
+    return to_result(quality.reject_rate(caption_seeds.height, bad.height,
+                                         quality_gates.seed_max_reject_rate, by_reason))
+
+
+seed_checks = [
+    *standard_checks("caption_seeds", schema=SEED_SCHEMA, id_column="seed_id",
+                     required=["seed_id", "shard", "caption", "seed_kind", "source_file"]),
+    caption_seeds_malformed_rate,
+    *standard_checks("caption_seed_rejects", schema=REJECT_SCHEMA, id_column=None,
+                     required=["source_file", "reason", "detail"], non_empty=False),
+    frame_check("caption_seed_rejects", "every_reject_has_a_reason",
+                lambda df, q: quality.Outcome(
+                    df.filter(pl.col("reason").is_null() | (pl.col("detail") == "")).height == 0,
+                    "every reject names its reason and location"),
+                blocking=False, description="no reject row lacks a reason or a location"),
+]

@@ -1,0 +1,1 @@
+"""Resources: models (LLM, CLIP, diffusion) and storage."""

@@ -1,0 +1,72 @@
+"""In-process llama-cpp-python: the CPU default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from unicorn_resources.llm.base import ChatRequest, Completion, LLMResource, SamplingParams, default_gguf_path
+
+
+class LlamaCppLLM(LLMResource):
+    """A GGUF model run by llama.cpp on the CPU. Loaded once per run."""
+
+    model_path: str | None = None  # None: the offline SmolLM2-135M-Instruct GGUF
+    n_ctx: int = 2048
+    n_threads: int | None = None  # None: all cores
+    n_batch: int = 512
+
+    _llm: Any = PrivateAttr(default=None)
+
+    @property
+    def resolved_path(self) -> str:
+        return self.model_path or default_gguf_path()
+
+    @property
+    def model_id(self) -> str:
+        return f"llama_cpp:{Path(self.resolved_path).name}"
+
+    @property
+    def supports_json_schema(self) -> bool:
+        return True
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._load()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def _load(self) -> Any:
+        if self._llm is None:
+            from llama_cpp import Llama
+
+            self._llm = Llama(model_path=self.resolved_path, n_ctx=self.n_ctx,
+                              n_threads=self.n_threads, n_batch=self.n_batch, verbose=False)
+        return self._llm
+
+    def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+        llm = self._load()
+        out = []
+        for request in requests:
+            kwargs: dict[str, Any] = {}
+            if request.json_schema is not None:
+                kwargs["response_format"] = {"type": "json_object", "schema": request.json_schema}
+            response = llm.create_chat_completion(
+                messages=request.message_dicts(), temperature=params.temperature,
+                top_p=params.top_p, max_tokens=params.max_tokens,
+                repeat_penalty=params.repeat_penalty, seed=request.seed, **kwargs,
+            )
+            choice, usage = response["choices"][0], response["usage"]
+            out.append(Completion(
+                text=choice["message"]["content"] or "", prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+                finish_reason=choice.get("finish_reason") or "stop",
+            ))
+        return out
+

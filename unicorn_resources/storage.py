@@ -1,0 +1,195 @@
+"""Storage over a base URI (a local folder or s3://): atomic writes, a Parquet IO manager, a DuckDB catalog."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import fsspec
+import polars as pl
+from fsspec.implementations.local import LocalFileSystem
+
+
+class S3Options(dg.Config):
+    """Connection settings for s3:// URIs; each may be an `EnvVar`. Unset values fall back to the
+    usual AWS environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …)."""
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
+
+    def storage_options(self, uri: str) -> dict[str, Any]:
+        if not uri.startswith("s3://"):
+            return {}
+        opts: dict[str, Any] = {}
+        if self.access_key_id:
+            opts["key"] = self.access_key_id
+        if self.secret_access_key:
+            opts["secret"] = self.secret_access_key
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            opts["client_kwargs"] = client
+        return opts
+
+    def polars_options(self, uri: str) -> dict[str, str] | None:
+        """The same settings in the form polars' cloud readers take."""
+        if not uri.startswith("s3://"):
+            return None
+        opts = {k: v for k, v in {
+            "aws_access_key_id": self.access_key_id, "aws_secret_access_key": self.secret_access_key,
+            "aws_endpoint_url": self.endpoint_url, "aws_region": self.region or "us-east-1",
+        }.items() if v}
+        if self.endpoint_url and self.endpoint_url.startswith("http://"):
+            opts["aws_allow_http"] = "true"
+        return opts
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, path = fsspec.core.url_to_fs(uri, **self.storage_options(uri))
+        return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """Write `path` so that readers see the old file or the whole new one, never a part.
+
+    Locally: write a hidden temporary file beside it, then rename over it. On an object store
+    an object appears only when its upload completes, so a direct write is already atomic.
+    """
+    if is_local(fs):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        with fs.open(path, "wb") as handle:
+            write(handle)
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, frame: pl.DataFrame) -> None:
+    atomic_write(fs, path, lambda handle: frame.write_parquet(handle, compression="zstd",
+                                                              statistics=True))
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    atomic_write(fs, path, lambda handle: handle.write(data))
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Stores each asset (partition) as one Parquet file under `base_uri`:
+    `<base>/<asset>/<partition>.parquet` for per-shard assets, `<base>/<asset>.parquet` otherwise.
+
+    A write replaces the file atomically, so re-running a partition never duplicates it. An input
+    annotated `pl.LazyFrame` is scanned lazily (corpus-wide assets stream over every shard).
+    """
+
+    base_uri: str = "data"
+    s3: S3Options = S3Options()
+    catalog_path: str | None = None  # DuckDB catalog of views; default <base>/catalog.duckdb (local)
+
+    def uri(self, asset: str, partition: str | None = None) -> str:
+        if partition is None:
+            return join(self.base_uri, f"{asset}.parquet")
+        return join(self.base_uri, asset, f"{partition}.parquet")
+
+    def _name(self, key: dg.AssetKey) -> str:
+        return "__".join(key.path)
+
+    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame | None) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, pl.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()}: ParquetIOManager stores "
+                            f"polars DataFrames, got {type(obj).__name__}")
+        name = self._name(context.asset_key)
+        partition = context.partition_key if context.has_asset_partitions else None
+        uri = self.uri(name, partition)
+        fs, path = self.s3.fs(uri)
+        write_parquet(fs, path, obj)
+        context.add_output_metadata({"path": dg.MetadataValue.path(uri)})
+        if is_local(fs):
+            self.catalog().refresh_view(name, self._glob(name, partitioned=partition is not None),
+                                        log=context.log)
+
+    def load_input(self, context: dg.InputContext) -> pl.DataFrame | pl.LazyFrame:
+        name = self._name(context.asset_key)
+        if context.has_asset_partitions:
+            uris = [self.uri(name, key) for key in context.asset_partition_keys]
+        else:
+            uris = [self.uri(name)]
+        fs, _ = self.s3.fs(uris[0])
+        missing = [u for u in uris if not fs.exists(self.s3.fs(u)[1])]
+        if missing:
+            raise FileNotFoundError(
+                f"{name}: {len(missing)} partition file(s) not written yet, e.g. {missing[0]}. "
+                f"Materialise {name} for those shards first."
+            )
+        lazy = context.dagster_type.typing_type is pl.LazyFrame
+        options = self.s3.polars_options(uris[0])
+        if lazy:
+            return pl.scan_parquet(uris, storage_options=options) if uris else pl.LazyFrame()
+        frames = [pl.read_parquet(u, storage_options=options) for u in uris]
+        return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+
+    def _glob(self, name: str, partitioned: bool) -> str:
+        base = str(Path(self.base_uri).resolve())
+        return f"{base}/{name}/*.parquet" if partitioned else f"{base}/{name}.parquet"
+
+    def catalog(self) -> Catalog:
+        return Catalog(self.catalog_path or join(self.base_uri, "catalog.duckdb"))
+
+
+class Catalog:
+    """A DuckDB file of views over the Parquet files, so the data can be queried without Dagster:
+    `duckdb data/catalog.duckdb -c "select count(*) from expanded_captions"`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def refresh_view(self, name: str, glob: str, log: Any = None, attempts: int = 20) -> None:
+        import duckdb
+
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        sql = (f'create or replace view "{name}" as select * from '
+               f"read_parquet('{glob}', union_by_name = true)")
+        for attempt in range(attempts):
+            try:
+                with duckdb.connect(self.path) as con:
+                    con.execute(sql)
+                return
+            except duckdb.IOException as err:  # another process holds the catalog's write lock
+                if attempt == attempts - 1:
+                    if log:
+                        log.warning(f"catalog view {name!r} not refreshed ({err}); "
+                                    "run `unicorn catalog` to rebuild it")
+                    return
+                time.sleep(0.25)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
