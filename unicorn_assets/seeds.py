@@ -10,6 +10,7 @@ from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
 from unicorn_assets.metadata import frame_metadata
+from unicorn_assets.sharding import concat
 from unicorn_resources.quality import QualityGates
 from unicorn_resources.seeds import SeedSource
 
@@ -28,18 +29,22 @@ from unicorn_resources.seeds import SeedSource
     group_name="unicorn_seeds",
 )
 def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource) -> Iterator[dg.Output]:
-    shard = context.partition_key
-    result = seeds.read_shard(shard)
-    bad = sum(n for reason, n in result.counts.items() if reason in BAD_LINE_REASONS)
-    if bad:
-        context.log.warning(f"{shard}: {bad} malformed line(s) skipped into caption_seed_rejects: "
-                            + "; ".join(result.rejects["detail"].head(3).to_list()))
-    yield dg.Output(result.seeds, "caption_seeds", metadata=frame_metadata(
-        result.seeds, ["seed_id", "seed_kind", "caption"], lines_read=result.lines_read,
-        rejects_by_reason=result.counts, source_file=result.seeds["source_file"][0]
-        if result.seeds.height else seeds.file_for(shard)))
-    yield dg.Output(result.rejects, "caption_seed_rejects", metadata=frame_metadata(
-        result.rejects, ["source_line", "reason", "detail"], rejects_by_reason=result.counts))
+    results = {key: seeds.read_shard(key) for key in context.partition_keys}
+    counts: dict[str, int] = {}
+    for key, result in results.items():
+        for reason, n in result.counts.items():
+            counts[reason] = counts.get(reason, 0) + n
+        bad = result.rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
+        if bad.height:
+            context.log.warning(f"{key}: {bad.height} malformed line(s) skipped into "
+                                "caption_seed_rejects: " + "; ".join(bad["detail"].head(3)))
+    seeds_by_shard = {k: r.seeds for k, r in results.items()}
+    rejects_by_shard = {k: r.rejects for k, r in results.items()}
+    yield dg.Output(seeds_by_shard, "caption_seeds", metadata=frame_metadata(
+        concat(seeds_by_shard), ["seed_id", "seed_kind", "caption"],
+        lines_read=sum(r.lines_read for r in results.values()), rejects_by_reason=counts))
+    yield dg.Output(rejects_by_shard, "caption_seed_rejects", metadata=frame_metadata(
+        concat(rejects_by_shard), ["source_line", "reason", "detail"], rejects_by_reason=counts))
 
 
 @dg.asset_check(asset="caption_seeds", name="malformed_line_rate", blocking=True,

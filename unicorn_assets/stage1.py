@@ -21,6 +21,7 @@ from unicorn_assets.logic.expansion import (
 )
 from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_assets.metadata import frame_metadata
+from unicorn_assets.sharding import concat, split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.quality import QualityGates
 
@@ -100,16 +101,19 @@ def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
     seconds = time.perf_counter() - started
 
     captions = assemble_captions(plan, completions, llm.model_id, prompts, params.as_dict())
-    kept, rejected = filter_captions(captions, config.filters())
-    counts = reject_counts(rejected)
-    context.log.info(f"{context.partition_key}: {kept.height} captions kept, "
-                     f"{rejected.height} rejected {counts}")
+    kept, rejected = {}, {}
+    for key, shard_captions in split_by_shard(captions, context.partition_keys).items():
+        kept[key], rejected[key] = filter_captions(shard_captions, config.filters())
+        context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
+                         f"rejected {reject_counts(rejected[key])}")
+    all_kept, all_rejected = concat(kept), concat(rejected)
+    counts = reject_counts(all_rejected)
     llm_meta = llm_metadata(llm, completions, seconds)
     yield dg.Output(kept, "expanded_captions", metadata=frame_metadata(
-        kept, ["caption_id", "style", "caption"], rejects_by_reason=counts,
+        all_kept, ["caption_id", "style", "caption"], rejects_by_reason=counts,
         prompt_version=prompts.ref, **llm_meta))
     yield dg.Output(rejected, "expanded_caption_rejects", metadata=frame_metadata(
-        rejected, ["reason", "caption"], rejects_by_reason=counts))
+        all_rejected, ["reason", "caption"], rejects_by_reason=counts))
 
 
 @dg.asset_check(asset="expanded_captions", name="reject_rate", blocking=True,

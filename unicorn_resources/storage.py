@@ -118,20 +118,35 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _name(self, key: dg.AssetKey) -> str:
         return "__".join(key.path)
 
-    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame | None) -> None:
+    def handle_output(self, context: dg.OutputContext,
+                      obj: pl.DataFrame | dict[str, pl.DataFrame] | None) -> None:
+        """A per-shard asset yields {partition key: frame} (one entry per partition of the run,
+        so a backfill run may carry many); an unpartitioned asset yields a frame."""
         if obj is None:
             return
-        if not isinstance(obj, pl.DataFrame):
-            raise TypeError(f"{context.asset_key.to_user_string()}: ParquetIOManager stores "
-                            f"polars DataFrames, got {type(obj).__name__}")
         name = self._name(context.asset_key)
-        partition = context.partition_key if context.has_asset_partitions else None
-        uri = self.uri(name, partition)
-        fs, path = self.s3.fs(uri)
-        write_parquet(fs, path, obj)
-        context.add_output_metadata({"path": dg.MetadataValue.path(uri)})
+        if context.has_asset_partitions:
+            if not isinstance(obj, dict) or set(obj) != set(context.asset_partition_keys):
+                raise TypeError(
+                    f"{name}: a partitioned asset must yield {{partition key: DataFrame}} for "
+                    f"exactly the run's partitions {sorted(context.asset_partition_keys)}, got "
+                    f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+            frames = obj
+        else:
+            frames = {None: obj}
+        uris = []
+        for partition, frame in frames.items():
+            if not isinstance(frame, pl.DataFrame):
+                raise TypeError(f"{name}: ParquetIOManager stores polars DataFrames, got "
+                                f"{type(frame).__name__}")
+            uri = self.uri(name, partition)
+            fs, path = self.s3.fs(uri)
+            write_parquet(fs, path, frame)
+            uris.append(uri)
+        context.add_output_metadata({"path": dg.MetadataValue.path(uris[0]) if len(uris) == 1
+                                     else dg.MetadataValue.json(uris)})
         if is_local(fs):
-            self.catalog().refresh_view(name, self._glob(name, partitioned=partition is not None),
+            self.catalog().refresh_view(name, self._glob(name, context.has_asset_partitions),
                                         log=context.log)
 
     def load_input(self, context: dg.InputContext) -> pl.DataFrame | pl.LazyFrame:
