@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from dagster_project.partitions import seed_shards
+from dagster_project.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
@@ -27,6 +27,7 @@ from unicorn_resources.seeds import SeedSource
     },
     partitions_def=seed_shards,
     group_name="unicorn_seeds",
+    backfill_policy=SHARD_BACKFILL,
 )
 def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource) -> Iterator[dg.Output]:
     results = {key: seeds.read_shard(key) for key in context.partition_keys}

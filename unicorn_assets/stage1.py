@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from dagster_project.partitions import seed_shards
+from dagster_project.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.expansion import (
@@ -83,6 +83,7 @@ def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
     },
     partitions_def=seed_shards,
     group_name="unicorn_stage1",
+    backfill_policy=SHARD_BACKFILL,
     pool="gpu",
     retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
 )
