@@ -33,7 +33,7 @@ class FakeLLM(LLMResource):
     def is_trained_model(self) -> bool:
         return False
 
-    def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
         out = []
         for request in requests:
             rng = random.Random(f"{request.seed}|{request.messages}")

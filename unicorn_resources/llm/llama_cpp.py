@@ -9,7 +9,13 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from unicorn_resources.llm.base import ChatRequest, Completion, LLMResource, SamplingParams, default_gguf_path
+from unicorn_resources.llm.base import (
+    ChatRequest,
+    Completion,
+    LLMResource,
+    SamplingParams,
+    default_gguf_path,
+)
 
 
 class LlamaCppLLM(LLMResource):
@@ -50,7 +56,7 @@ class LlamaCppLLM(LLMResource):
                               n_threads=self.n_threads, n_batch=self.n_batch, verbose=False)
         return self._llm
 
-    def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
         llm = self._load()
         out = []
         for request in requests:

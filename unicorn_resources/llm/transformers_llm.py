@@ -9,7 +9,13 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from unicorn_resources.llm.base import ChatRequest, Completion, LLMResource, SamplingParams, default_gguf_path
+from unicorn_resources.llm.base import (
+    ChatRequest,
+    Completion,
+    LLMResource,
+    SamplingParams,
+    default_gguf_path,
+)
 
 
 class TransformersLLM(LLMResource):
@@ -66,7 +72,7 @@ class TransformersLLM(LLMResource):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
         self._model, self._tokenizer, self._device = model, tokenizer, device
 
-    def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
         import torch
         from transformers import set_seed
 

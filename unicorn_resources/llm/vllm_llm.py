@@ -1,0 +1,105 @@
+"""The in-process vLLM engine, for GPU nodes. vLLM is the optional `gpu` extra (it pins its own
+CUDA torch), so it is imported only when the engine starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from unicorn_resources.llm.base import LLMResource
+from unicorn_resources.llm.types import ChatRequest, Completion, SamplingParams
+
+
+def import_vllm() -> ModuleType:
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            "the vllm LLM backend needs vLLM, which is not installed: install the GPU extra with "
+            "`pip install '.[gpu]'` on a CUDA machine, or pick another llm.backend "
+            f"(llama_cpp, transformers, openai) in the profile ({err})") from err
+    return vllm
+
+
+class VllmLLM(LLMResource):
+    """`vllm.LLM`, created once per run (setup_for_execution) and shut down after it. Every call
+    sends all its prompts to the engine in one `chat` batch, so continuous batching does the work;
+    each request carries its own seed and, for Stage 2, its JSON schema (structured outputs)."""
+
+    model: str  # an HF id or a local path; a .gguf file needs `tokenizer` too
+    tokenizer: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # None: the model's own context length
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    engine_args: dict[str, Any] = {}  # any further vllm.LLM argument (quantization, enforce_eager…)
+
+    _engine: Any = PrivateAttr(default=None)
+
+    @property
+    def model_id(self) -> str:
+        return f"vllm:{self.model}"
+
+    @property
+    def supports_json_schema(self) -> bool:
+        return True
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._load()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.llm_engine.engine_core.shutdown()  # the engine core runs in its own process
+        del engine
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kwargs = {"model": self.model, "tensor_parallel_size": self.tensor_parallel_size,
+                  "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype,
+                  **self.engine_args}
+        if self.tokenizer:
+            kwargs["tokenizer"] = self.tokenizer
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        return kwargs
+
+    def _load(self) -> Any:
+        if self._engine is None:
+            self._engine = import_vllm().LLM(**self.engine_kwargs())
+        return self._engine
+
+    def sampling_params(self, request: ChatRequest, params: SamplingParams) -> Any:
+        """The vllm.SamplingParams of one request."""
+        vllm = import_vllm()
+        kwargs: dict[str, Any] = {
+            "temperature": params.temperature, "top_p": params.top_p,
+            "max_tokens": params.max_tokens, "repetition_penalty": params.repeat_penalty,
+            "seed": request.seed,
+        }
+        if request.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=request.json_schema)
+        return vllm.SamplingParams(**kwargs)
+
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+        engine = self._load()
+        outputs = engine.chat([r.message_dicts() for r in requests],
+                              sampling_params=[self.sampling_params(r, params) for r in requests],
+                              use_tqdm=False)
+        completions = []
+        for output in outputs:
+            best = output.outputs[0]
+            completions.append(Completion(
+                text=best.text, prompt_tokens=len(output.prompt_token_ids or []),
+                completion_tokens=len(best.token_ids), finish_reason=best.finish_reason or "stop",
+            ))
+        return completions
