@@ -89,7 +89,13 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
             write(handle)
 
 
-def write_parquet(fs: fsspec.AbstractFileSystem, path: str, frame: pl.DataFrame) -> None:
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str,
+                  frame: pl.DataFrame | pl.LazyFrame) -> None:
+    """A LazyFrame is streamed into the file in row groups, never collected whole."""
+    if isinstance(frame, pl.LazyFrame):
+        atomic_write(fs, path, lambda handle: frame.sink_parquet(
+            handle, compression="zstd", statistics=True, row_group_size=16_384))
+        return
     atomic_write(fs, path, lambda handle: frame.write_parquet(handle, compression="zstd",
                                                               statistics=True))
 
@@ -121,7 +127,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext,
                       obj: pl.DataFrame | dict[str, pl.DataFrame] | None) -> None:
         """A per-shard asset yields {partition key: frame} (one entry per partition of the run,
-        so a backfill run may carry many); an unpartitioned asset yields a frame."""
+        so a backfill run may carry many); an unpartitioned asset yields a frame, or a LazyFrame
+        that is streamed to its file (corpus-wide results larger than memory)."""
         if obj is None:
             return
         name = self._name(context.asset_key)
@@ -136,7 +143,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             frames = {None: obj}
         uris = []
         for partition, frame in frames.items():
-            if not isinstance(frame, pl.DataFrame):
+            if not isinstance(frame, (pl.DataFrame, pl.LazyFrame)):
                 raise TypeError(f"{name}: ParquetIOManager stores polars DataFrames, got "
                                 f"{type(frame).__name__}")
             uri = self.uri(name, partition)
@@ -175,6 +182,20 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     def catalog(self) -> Catalog:
         return Catalog(self.catalog_path or join(self.base_uri, "catalog.duckdb"))
+
+    def rebuild_catalog(self) -> list[str]:
+        """(Re)create the catalog view of every asset stored under a local base_uri."""
+        base = Path(self.base_uri)
+        if "://" in self.base_uri or not base.is_dir():
+            raise ValueError(f"no local data under {self.base_uri}; the DuckDB catalog covers "
+                             "local storage only")
+        views = {p.stem: False for p in base.glob("*.parquet")}
+        views.update({d.name: True for d in base.iterdir()
+                      if d.is_dir() and any(d.glob("*.parquet"))})
+        catalog = self.catalog()
+        for name, partitioned in views.items():
+            catalog.refresh_view(name, self._glob(name, partitioned))
+        return sorted(views)
 
 
 class Catalog:

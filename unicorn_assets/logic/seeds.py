@@ -89,14 +89,16 @@ def shard_key_for(path: str) -> str:
             f"{path}: the file name {name!r} cannot be a partition key. Rename the file so that "
             "its name without the extension is 1-128 characters of letters, digits, '.', '_' "
             "or '-', starts with a letter or digit and has no '..' (for example "
-            f"{_suggest_key(stem)!r})."
+            f"{_suggest_key(stem) + name[len(stem):]!r})."
         )
     return stem
 
 
 def _suggest_key(stem: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).replace("..", ".").strip(".-_")
-    return (cleaned or "shard")[:128] + ".jsonl"
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
+    while ".." in cleaned:
+        cleaned = cleaned.replace("..", ".")
+    return (cleaned.strip(".-_") or "shard")[:128]
 
 
 def discover_shards(paths: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -157,11 +159,12 @@ class _Collector:
             self.reject(line, "bad_caption_type",
                         f"{opts.caption_column!r} must be a string, got {type(text).__name__}", raw)
             return
-        rid = rec.get(opts.id_column)
+        rid, label = rec.get(opts.id_column), rec.get(opts.label_column)
         meta = {k: v for k, v in rec.items()
                 if k not in (opts.caption_column, opts.label_column, opts.id_column)}
         self.rows.append(
             {"raw_id": None if rid is None or rid == "" else str(rid), "text": text, "kind": kind,
+             "label": None if label is None else normalise_ws(str(label)),
              "source_line": line, "meta": json.dumps(meta, sort_keys=True, default=str)}
         )
 
@@ -210,7 +213,7 @@ def _parse_jsonl(data: bytes, col: _Collector) -> None:
                        raw[:200].decode("utf-8", "replace"))
             continue
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte-order mark is allowed on the first line
         except UnicodeDecodeError as err:
             col.reject(number, "bad_encoding",
                        f"not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8",
@@ -320,7 +323,7 @@ def _finish(col: _Collector, opts: SeedReadOptions) -> tuple[pl.DataFrame, list[
             seen_text[text], seen_id[seed_id] = line, line
             out.append(
                 {"seed_id": seed_id, "shard": col.shard, "caption": text,
-                 "seed_kind": row["kind"], "label": caption if row["kind"] == "label" else None,
+                 "seed_kind": row["kind"], "label": row["label"],
                  "source_file": col.source, "source_line": line, "meta": row["meta"]}
             )
     return pl.DataFrame(out, schema=SEED_SCHEMA), dropped
