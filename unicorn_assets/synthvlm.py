@@ -1,0 +1,488 @@
+"""The SynthVLM branch (asset group `synthvlm`, off the nightly job): render expanded captions into
+images with SDXL, score them by CLIPScore and encoder-resize SSIM, keep the best, export LLaVA data.
+
+Per shard: `synthvlm_candidates` -> `synthetic_images` (files under the storage base) -> `image_scores`.
+Corpus-wide: `synthvlm_selection` -> `synthvlm_dataset` (an export folder with its manifest).
+"""
+
+import base64
+import json
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+import polars as pl
+from PIL import Image
+
+from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
+from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.logic import images as img
+from unicorn_assets.logic import synthvlm as logic
+from unicorn_assets.logic.prompts import load_lines, load_prompt_set
+from unicorn_assets.logic.quality import Outcome
+from unicorn_assets.logic.text import excerpt, stable_int
+from unicorn_assets.metadata import frame_metadata, markdown_table
+from unicorn_assets.sharding import concat, split_by_shard
+from unicorn_assets.stage1 import llm_metadata
+from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
+from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
+from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
+from unicorn_resources.storage import ParquetIOManager, join, read_bytes, write_bytes
+
+GROUP = "synthvlm"
+# Files (images, exports) go under the IO manager's storage base, local or s3://.
+Storage = dg.ResourceParam[ParquetIOManager]
+MODEL_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+EXPORT_SCHEMA = pl.Schema({"id": pl.String, "image": pl.String, "caption": pl.String,
+                           "prompt": pl.String, "shard": pl.String, "score": pl.Float64,
+                           "sha256": pl.String})
+
+
+def storage_uri(io_manager: ParquetIOManager, *parts: str) -> str:
+    """A URI under the storage base; a local base is made absolute so the URI works anywhere."""
+    base = io_manager.base_uri
+    if "://" not in base:
+        base = str(Path(base).resolve())
+    return join(base, *parts)
+
+
+def file_reader(io_manager: ParquetIOManager) -> Callable[[str], bytes | None]:
+    def read(uri: str) -> bytes | None:
+        fs, path = io_manager.s3.fs(uri)
+        return read_bytes(fs, path) if fs.exists(path) else None
+
+    return read
+
+
+def replace_folder(io_manager: ParquetIOManager, folder: str, files: dict[str, bytes]) -> None:
+    """Write `files` (name -> bytes, names relative to `folder`) atomically, then delete every other
+    file under `folder`: a re-run replaces the folder's contents and leaves no orphan behind."""
+    fs, root = io_manager.s3.fs(folder)
+    for name, data in files.items():
+        write_bytes(fs, join(root, name), data)
+    keep = {join(root, name) for name in files}
+    if fs.exists(root):
+        for path in fs.find(root):
+            if path not in keep:
+                fs.rm(path)
+
+
+# --- synthvlm_candidates -------------------------------------------------------------------------
+
+class CandidateConfig(dg.Config):
+    length_filter: bool = True
+    min_words: int = 8
+    max_words: int = 150
+    repetition_filter: bool = True
+    max_repeated_trigram_ratio: float = 0.2
+    special_char_filter: bool = True
+    max_special_char_ratio: float = 0.05
+    llm_judge: bool = True
+    prompt: str = "synthvlm_judge"  # the judge's versioned prompt (named so staleness sees it)
+    prompt_version: str = "v1"
+    judge_max_tokens: int = 16
+    quality_top_fraction: float | None = None  # e.g. 0.5: render only the better half by quality
+
+    def rules(self) -> logic.CandidateRules:
+        return logic.CandidateRules(
+            length_filter=self.length_filter, min_words=self.min_words, max_words=self.max_words,
+            repetition_filter=self.repetition_filter,
+            max_repeated_trigram_ratio=self.max_repeated_trigram_ratio,
+            special_char_filter=self.special_char_filter,
+            max_special_char_ratio=self.max_special_char_ratio,
+            quality_top_fraction=self.quality_top_fraction)
+
+
+def judge(llm: LLMResource, config: CandidateConfig, frame: pl.DataFrame
+          ) -> tuple[pl.DataFrame, dict]:
+    """Asks the LLM, for every caption that passed the rules, whether it can guide a renderer."""
+    prompts = load_prompt_set(config.prompt, config.prompt_version)
+    open_rows = frame.filter(pl.col("reason").is_null())
+    schema = logic.JUDGE_SCHEMA if llm.supports_json_schema else None
+    requests = [ChatRequest.of(prompts.messages(caption=caption),
+                               seed=stable_int("synthvlm-judge", caption_id), json_schema=schema)
+                for caption_id, caption in open_rows.select("caption_id", "caption").iter_rows()]
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=config.judge_max_tokens,
+                            repeat_penalty=1.0)
+    started = time.perf_counter()
+    completions = llm.generate(requests, params) if requests else []
+    seconds = time.perf_counter() - started
+    judged = logic.apply_judgements(frame, [logic.parse_judgement(c.text) for c in completions])
+    return judged, {"judge_prompt": prompts.ref,
+                    **{f"judge_{k}": v for k, v in llm_metadata(llm, completions, seconds).items()}}
+
+
+@dg.asset(
+    description="Expanded captions chosen for rendering: SynthVLM's rule filters (length, "
+    "repetition, special characters), the LLM's yes/no judgement of descriptiveness, and an "
+    "optional top-fraction cap by caption quality; each step can be switched off.",
+    partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
+    kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY,
+)
+def synthvlm_candidates(context: dg.AssetExecutionContext, config: CandidateConfig,
+                        llm: LLMResource, expanded_captions: pl.DataFrame) -> dg.Output:
+    rules = config.rules()
+    frame = logic.rule_reasons(logic.caption_features(expanded_captions), rules)
+    judge_meta: dict = {"llm_judge": config.llm_judge}
+    if config.llm_judge:
+        frame, extra = judge(llm, config, frame)
+        judge_meta.update(extra)
+    by_shard, rejects = {}, {}
+    for key, shard in split_by_shard(frame, context.partition_keys).items():
+        # the cap is per shard, so a shard's candidates never depend on the run it was part of
+        by_shard[key], rejects[key] = logic.split_candidates(
+            logic.cap_by_quality(shard, rules.quality_top_fraction))
+        context.log.info(f"{key}: {by_shard[key].height} caption(s) to render")
+    kept, rejected = concat(by_shard), concat(rejects)
+    counts = logic.reason_counts(rejected)
+    return dg.Output(by_shard, metadata=frame_metadata(
+        kept, ["caption_id", "caption_quality", "judgement", "caption"],
+        captions_in=expanded_captions.height, rejects_by_reason=counts,
+        rejected_sample=dg.MetadataValue.md(_rejects_markdown(rejected)), **judge_meta))
+
+
+def _rejects_markdown(rejected: pl.DataFrame) -> str:
+    return markdown_table(rejected.with_columns(pl.col("caption").map_elements(
+        lambda t: excerpt(t, 120), return_dtype=pl.String)), ["reason", "caption"]) \
+        if rejected.height else "_none rejected_"
+
+
+# --- synthetic_images ----------------------------------------------------------------------------
+
+class RenderConfig(dg.Config):
+    images_per_caption: int = 2  # N of best-of-N
+    image_format: Literal["png", "webp"] = "png"  # WebP is written lossless
+    chunk_size: int = 32  # images rendered and written per step, bounding memory
+    folder: str = "synthetic_images"  # under the storage base: <folder>/<shard>/<image_id>.<ext>
+
+
+@dg.asset(
+    description="Images rendered from the candidates (N per caption, deterministic seeds), stored "
+    "as PNG/WebP files under the storage base; the table holds paths, seeds, sizes and SHA-256.",
+    partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
+    kinds={"polars", "parquet", "diffusers"}, retry_policy=MODEL_RETRY, op_tags=GPU_OP_TAGS,
+)
+def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
+                     diffusion: DiffusionResource, io_manager: Storage,
+                     synthvlm_candidates: pl.DataFrame) -> dg.Output:
+    plan = logic.plan_renders(synthvlm_candidates, config.images_per_caption)
+    settings = json.dumps(diffusion.settings(), sort_keys=True)
+    lineage = {"model_id": diffusion.model_id, "pretrained": diffusion.is_pretrained,
+               "render_settings": settings}
+    out: dict[str, pl.DataFrame] = {}
+    thumbs: list[tuple[Image.Image, str]] = []
+    started = time.perf_counter()
+    for key, shard_plan in split_by_shard(plan, context.partition_keys).items():
+        folder = storage_uri(io_manager, config.folder, key)
+        files: dict[str, bytes] = {}
+        rows = []
+        for chunk in shard_plan.iter_slices(config.chunk_size):
+            rendered = diffusion.render(chunk["caption"].to_list(), chunk["seed"].to_list())
+            for row, image in zip(chunk.iter_rows(named=True), rendered):
+                data = img.encode_image(image, config.image_format)
+                name = f"{row['image_id']}.{config.image_format}"
+                files[name] = data
+                rows.append({**row, "uri": join(folder, name), "format": config.image_format,
+                             "width": image.width, "height": image.height, "n_bytes": len(data),
+                             "sha256": img.sha256(data), **lineage})
+                if len(thumbs) < 4:
+                    thumbs.append((image, row["caption"]))
+        replace_folder(io_manager, folder, files)
+        out[key] = pl.DataFrame(rows, schema=logic.IMAGE_SCHEMA)
+        context.log.info(f"{key}: {len(rows)} image(s) written under {folder}")
+    seconds = time.perf_counter() - started
+    frame = concat(out)
+    meta = {"diffusion_model": diffusion.model_id, "render_settings": json.loads(settings),
+            "images_per_caption": config.images_per_caption, "render_seconds": round(seconds, 2),
+            "images_per_second": round(frame.height / seconds, 3) if seconds > 0 else 0.0,
+            "image_folder": dg.MetadataValue.path(storage_uri(io_manager, config.folder)),
+            "examples": dg.MetadataValue.md(_thumbnail_table(
+                [(i, caption, {}) for i, caption in thumbs]))}
+    if not diffusion.is_pretrained:
+        meta["model_note"] = UNTRAINED_NOTE
+    return dg.Output(out, metadata=frame_metadata(
+        frame, ["image_id", "image_index", "seed", "uri"], **meta))
+
+
+def _thumbnail_table(rows: Sequence[tuple[Image.Image, str, dict]]) -> str:
+    """Markdown table: thumbnail (a data: URI PNG), caption excerpt, then the given columns."""
+    if not rows:
+        return "_no images_"
+    extra = list(rows[0][2])
+    lines = ["| image | caption | " + " | ".join(extra) + " |",
+             "|---|---|" + "---|" * len(extra)]
+    for image, caption, values in rows:
+        cells = [f"![]({img.thumbnail_data_uri(image)})",
+                 excerpt(caption, 100).replace("|", "/")] + [str(values[k]) for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dg.asset_check(asset="synthetic_images", name="files_decode", blocking=True,
+                partitions_def=seed_shards,
+                description="every image file exists, matches its SHA-256 and decodes at the "
+                "configured resolution")
+def synthetic_images_files_decode(io_manager: Storage, synthetic_images: pl.DataFrame
+                                  ) -> dg.AssetCheckResult:
+    return to_result(logic.verify_image_files(synthetic_images, file_reader(io_manager)))
+
+
+# --- image_scores --------------------------------------------------------------------------------
+
+class ScoreConfig(dg.Config):
+    clip_weight: float = 2.5  # w of CLIPScore = w * max(cos, 0)
+    prompt_prefix: str = logic.CLIPSCORE_PREFIX
+    ssim_size: int | None = None  # None: the CLIP encoder's input size (336 for ViT-L-14-336)
+    chunk_size: int = 64  # images decoded and scored at a time
+
+
+@dg.asset(
+    description="Per image: CLIPScore (w * max(cos, 0), raw cosine kept) with the CLIP resource, "
+    "and SSIM between the image and its round trip through the vision encoder's resize.",
+    partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
+    kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY, op_tags=GPU_OP_TAGS,
+)
+def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: ClipResource,
+                 io_manager: Storage, synthetic_images: pl.DataFrame) -> dg.Output:
+    ssim_size = config.ssim_size or clip.image_size
+    read = file_reader(io_manager)
+    out: dict[str, pl.DataFrame] = {}
+    started = time.perf_counter()
+    for key, shard in split_by_shard(synthetic_images, context.partition_keys).items():
+        parts = []
+        for chunk in shard.iter_slices(config.chunk_size):
+            images = []
+            for uri in chunk["uri"]:
+                data = read(uri)
+                if data is None:
+                    raise FileNotFoundError(f"{uri}: image file of shard {key} is missing; "
+                                            "re-materialise synthetic_images for this shard")
+                images.append(img.decode_image(data))
+            texts = logic.clipscore_texts(chunk["caption"].to_list(), config.prompt_prefix)
+            cosine, score = logic.clip_scores(clip.encode_images(images), clip.encode_text(texts),
+                                              config.clip_weight)
+            parts.append(chunk.select("image_id", "caption_id", "shard", "image_index").with_columns(
+                pl.Series("clip_cosine", cosine, dtype=pl.Float64),
+                pl.Series("clipscore", score, dtype=pl.Float64),
+                pl.lit(config.clip_weight, dtype=pl.Float64).alias("clip_weight"),
+                pl.Series("ssim", [img.resize_ssim(i, ssim_size) for i in images],
+                          dtype=pl.Float64),
+                pl.lit(ssim_size, dtype=pl.Int32).alias("ssim_size"),
+                pl.lit(clip.model_id).alias("clip_model_id"),
+                pl.lit(clip.is_pretrained).alias("clip_pretrained"),
+            ))
+        out[key] = pl.concat(parts) if parts else pl.DataFrame(schema=logic.SCORE_SCHEMA)
+    frame = concat(out)
+    meta = {"clip_model": clip.model_id, "ssim_size": ssim_size,
+            "prompt_prefix": config.prompt_prefix, "clip_weight": config.clip_weight,
+            "score_seconds": round(time.perf_counter() - started, 2),
+            "clipscore": logic.distribution(frame["clipscore"]),
+            "ssim": logic.distribution(frame["ssim"])}
+    if not clip.is_pretrained:
+        meta["model_note"] = UNTRAINED_CLIP_NOTE
+    return dg.Output(out, metadata=frame_metadata(
+        frame, ["image_id", "clip_cosine", "clipscore", "ssim"], **meta))
+
+
+@dg.asset_check(asset="image_scores", name="every_image_scored", blocking=True,
+                partitions_def=seed_shards,
+                additional_ins={"images": dg.AssetIn("synthetic_images")},
+                description="the scores cover exactly the shard's images")
+def image_scores_every_image_scored(image_scores: pl.DataFrame, images: pl.DataFrame
+                                    ) -> dg.AssetCheckResult:
+    return to_result(logic.scores_cover_images(image_scores, images))
+
+
+# --- synthvlm_selection (corpus-wide) ------------------------------------------------------------
+
+class SelectionConfig(dg.Config):
+    score_lambda: float = 0.5  # score = CLIPScore + lambda * SSIM
+    top_fraction: float = 0.5  # keep this share of the captions' best images ...
+    top_k: int | None = None  # ... or exactly this many (overrides top_fraction)
+    thumbnails: int = 4  # selected and rejected examples shown in the metadata
+
+
+@dg.asset(
+    description="Per caption the best of its N images by CLIPScore + lambda * SSIM, then the global "
+    "top fraction (or top K); every image is listed with its status, threshold and distributions "
+    "in the metadata.",
+    group_name=GROUP, kinds={"polars", "parquet"},
+)
+def synthvlm_selection(context: dg.AssetExecutionContext, config: SelectionConfig,
+                       io_manager: Storage, image_scores: pl.LazyFrame,
+                       synthetic_images: pl.LazyFrame) -> dg.Output:
+    scores = image_scores.collect()
+    images = synthetic_images.collect()
+    unscored = images.join(scores, on="image_id", how="anti")
+    if unscored.height:
+        shards = sorted(set(unscored["shard"]))
+        raise ValueError(f"{unscored.height} image(s) have no score (shards {shards}): "
+                         "materialise image_scores for those shards, then select again")
+    joined = scores.join(images.select("image_id", "seed_id", "caption", "uri", "format",
+                                       "sha256", "model_id", "pretrained"),
+                         on="image_id", how="inner")
+    selection = logic.select_pairs(joined, config.score_lambda, config.top_fraction, config.top_k)
+    summary = logic.selection_summary(selection)
+    histograms = _histograms(io_manager, selection)
+    return dg.Output(selection, metadata=frame_metadata(
+        selection, ["image_id", "clipscore", "ssim", "score", "selected", "reason"],
+        **summary, score_lambda=config.score_lambda,
+        rule=f"top {config.top_k}" if config.top_k is not None else f"top {config.top_fraction:.0%}",
+        examples=dg.MetadataValue.md(_examples(io_manager, selection, config.thumbnails)),
+        **histograms))
+
+
+def _histograms(io_manager: ParquetIOManager, selection: pl.DataFrame) -> dict:
+    """CLIPScore and SSIM histograms before/after selection: PNG files under the storage base and
+    the same images inline in Markdown."""
+    meta = {}
+    for column, title in (("clipscore", "CLIPScore"), ("ssim", "SSIM")):
+        png = img.histogram_png(title, {
+            "all images": selection[column].to_list(),
+            "selected": selection.filter("selected")[column].to_list()})
+        uri = storage_uri(io_manager, "synthvlm_selection", f"{column}_histogram.png")
+        fs, path = io_manager.s3.fs(uri)
+        write_bytes(fs, path, png)
+        data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        meta[f"{column}_histogram"] = dg.MetadataValue.md(f"![{title}]({data_uri})")
+        meta[f"{column}_histogram_file"] = dg.MetadataValue.path(uri)
+    return meta
+
+
+def _examples(io_manager: ParquetIOManager, selection: pl.DataFrame, n: int) -> str:
+    read = file_reader(io_manager)
+    chosen = selection.filter("selected").head(n)
+    rejected = selection.filter(~pl.col("selected")).sort("score").head(n)
+    rows = []
+    for status, frame in (("selected", chosen), ("rejected", rejected)):
+        for row in frame.iter_rows(named=True):
+            data = read(row["uri"])
+            if data is None:
+                continue
+            rows.append((img.decode_image(data), row["caption"], {
+                "status": status if status == "selected" else row["reason"],
+                "CLIPScore": f"{row['clipscore']:.3f}", "SSIM": f"{row['ssim']:.3f}",
+                "score": f"{row['score']:.3f}"}))
+    return _thumbnail_table(rows)
+
+
+# --- synthvlm_dataset (corpus-wide) --------------------------------------------------------------
+
+class ExportConfig(dg.Config):
+    export_dir: str = "exports/synthvlm"  # under the storage base, or a full URI
+    prompts: str = "brief_description/v1.txt"  # the brief-description instructions, one a line
+    records_file: str = "pretrain.json"
+
+
+def export_root(io_manager: ParquetIOManager, export_dir: str) -> str:
+    return export_dir if "://" in export_dir or export_dir.startswith("/") \
+        else storage_uri(io_manager, export_dir)
+
+
+@dg.asset(
+    description="The selected pairs in LLaVA pretraining format (JSON array; image paths relative "
+    "to the export folder, a brief-description prompt per record), the images copied beside it, "
+    "and manifest.json with counts and SHA-256 checksums of every file.",
+    group_name=GROUP, kinds={"polars", "parquet", "json"},
+)
+def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
+                     io_manager: Storage, synthvlm_selection: pl.DataFrame) -> dg.Output:
+    root = export_root(io_manager, config.export_dir)
+    chosen = synthvlm_selection.filter("selected").sort("image_id")
+    read = file_reader(io_manager)
+    files: dict[str, bytes] = {}
+    paths = {}
+    for image_id, shard, uri, fmt, digest in chosen.select(
+            "image_id", "shard", "uri", "format", "sha256").iter_rows():
+        data = read(uri)
+        if data is None or img.sha256(data) != digest:
+            raise ValueError(f"{uri}: the selected image is {'missing' if data is None else 'changed'}"
+                             f" since it was scored; re-materialise synthetic_images, image_scores "
+                             f"and synthvlm_selection for shard {shard}")
+        paths[image_id] = f"images/{shard}/{image_id}.{fmt}"
+        files[paths[image_id]] = data
+    prompts = load_lines(config.prompts)
+    records = logic.llava_records(chosen, prompts, paths)
+    files[config.records_file] = json.dumps(records, ensure_ascii=False, indent=1).encode()
+    first = synthvlm_selection.head(1)
+    manifest = {
+        "format": "llava_pretrain", "records_file": config.records_file,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "counts": {"records": len(records), "images": len(paths),
+                   "scored_images": synthvlm_selection.height,
+                   "captions": int(synthvlm_selection["best_of_n"].sum()),
+                   "by_shard": dict(sorted(chosen.group_by("shard").len().iter_rows()))},
+        "selection": {"score": "clipscore + lambda * ssim",
+                      "lambda": first["score_lambda"].item() if first.height else None,
+                      "target_fraction": first["target_fraction"].item() if first.height else None,
+                      "target_k": first["target_k"].item() if first.height else None,
+                      "score_threshold": float(chosen["score"].min()) if chosen.height else None},
+        "models": {"diffusion": sorted(set(synthvlm_selection["model_id"])),
+                   "diffusion_pretrained": bool(synthvlm_selection["pretrained"].all()),
+                   "clip": sorted(set(synthvlm_selection["clip_model_id"])),
+                   "clip_pretrained": bool(synthvlm_selection["clip_pretrained"].all())},
+        "prompts": config.prompts,
+        "sha256": {name: img.sha256(data) for name, data in sorted(files.items())},
+    }
+    if not (manifest["models"]["diffusion_pretrained"] and manifest["models"]["clip_pretrained"]):
+        manifest["note"] = "built with untrained models: images and scores are meaningless"
+    files["manifest.json"] = json.dumps(manifest, indent=1).encode()
+    replace_folder(io_manager, root, files)  # manifest.json is written last
+    index = chosen.select(pl.col("image_id").alias("id"), "caption", "shard", "score").with_columns(
+        pl.Series("image", [r["image"] for r in records], dtype=pl.String),
+        pl.Series("prompt", [r["conversations"][0]["value"].removeprefix("<image>\n")
+                             for r in records], dtype=pl.String),
+        pl.Series("sha256", [manifest["sha256"][r["image"]] for r in records], dtype=pl.String),
+    ).select(EXPORT_SCHEMA.names())
+    context.log.info(f"{len(records)} record(s) exported to {root}")
+    return dg.Output(index, metadata=frame_metadata(
+        index, ["id", "image", "prompt", "caption"], export_dir=dg.MetadataValue.path(root),
+        counts=manifest["counts"], models=manifest["models"],
+        **({"model_note": manifest["note"]} if "note" in manifest else {})))
+
+
+@dg.asset_check(asset="synthvlm_dataset", name="records_resolve", blocking=True,
+                description="every export record's image resolves inside the export folder and "
+                "every file matches its manifest checksum")
+def synthvlm_dataset_records_resolve(context: dg.AssetCheckExecutionContext,
+                                     io_manager: Storage) -> dg.AssetCheckResult:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("synthvlm_dataset"))
+    if event is None or event.asset_materialization is None:
+        return to_result(Outcome(False, "synthvlm_dataset has not been materialised"))
+    root = event.asset_materialization.metadata["export_dir"].value
+    return to_result(logic.verify_export(root, file_reader(io_manager)))
+
+
+synthvlm_assets = [synthvlm_candidates, synthetic_images, image_scores, synthvlm_selection,
+                   synthvlm_dataset]
+synthvlm_checks = [
+    *standard_checks("synthvlm_candidates", schema=logic.CANDIDATE_SCHEMA, id_column="caption_id",
+                     required=["caption_id", "caption", "caption_quality"]),
+    *standard_checks("synthetic_images", schema=logic.IMAGE_SCHEMA, id_column="image_id",
+                     required=["image_id", "caption_id", "uri", "sha256", "seed"]),
+    synthetic_images_files_decode,
+    *standard_checks("image_scores", schema=logic.SCORE_SCHEMA, id_column="image_id",
+                     required=["image_id", "clipscore", "ssim"]),
+    frame_check("image_scores", "no_nan_scores", lambda df, q: logic.no_nan_scores(df),
+                blocking=True, description="no NaN or missing CLIPScore, cosine or SSIM"),
+    frame_check("image_scores", "score_ranges",
+                lambda df, q: logic.score_ranges(df, q.synthvlm_min_median_clipscore),
+                blocking=True, description="cosine and SSIM in [-1, 1], CLIPScore in [0, w], "
+                "median CLIPScore over quality_gates.synthvlm_min_median_clipscore"),
+    image_scores_every_image_scored,
+    *standard_checks("synthvlm_selection", schema=logic.SELECTION_SCHEMA, id_column="image_id",
+                     required=["image_id", "score", "uri"], partitions_def=None),
+    frame_check("synthvlm_selection", "selection_ratio", lambda df, q: logic.selection_ratio(df),
+                blocking=True, partitions_def=None,
+                description="one best image per caption, and as many selected as the configured "
+                "top fraction / top K gives"),
+    frame_check("synthvlm_selection", "no_nan_scores",
+                lambda df, q: logic.no_nan_scores(df, ("clipscore", "ssim", "score")),
+                blocking=True, partitions_def=None, description="no NaN or missing score"),
+    *standard_checks("synthvlm_dataset", schema=EXPORT_SCHEMA, id_column="id",
+                     required=["id", "image", "caption"], partitions_def=None),
+    synthvlm_dataset_records_resolve,
+]
