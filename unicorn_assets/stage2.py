@@ -1,0 +1,213 @@
+"""Stage 2: `instructions` (and `instruction_rejects`), one LLM batch per attempt per run."""
+
+import json
+import time
+from collections.abc import Iterator
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from dagster_project.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.logic import quality
+from unicorn_assets.logic.instructions import (
+    INSTRUCTION_REJECT_SCHEMA,
+    INSTRUCTION_SCHEMA,
+    REJECT_REASONS,
+    InstructionSettings,
+    dialogue_preview,
+    generate_instructions,
+    image_token_ok,
+    json_validity,
+    load_prompts,
+    mc_answers_in_options,
+    plan_instructions,
+    reject_counts,
+    task_counts,
+    well_formed,
+)
+from unicorn_assets.metadata import frame_metadata, markdown_table
+from unicorn_assets.sharding import concat, split_by_shard
+from unicorn_assets.stage1 import llm_metadata
+from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
+from unicorn_resources.quality import QualityGates
+
+# Unicorn v2 made 171K multiple-choice, 199K QA and 100K complex-reasoning records.
+PAPER_MIX = {"multiple_choice": 171.0, "question_answering": 199.0, "complex_reasoning": 100.0,
+             "multi_turn": 0.0}
+
+
+class InstructionConfig(dg.Config):
+    prompt_version: str = Field("v1", description="version of prompts/stage2_<task>/")
+    task_mix: dict[str, float] = Field(
+        PAPER_MIX, description="weight per task type (multiple_choice, question_answering, "
+        "complex_reasoning, multi_turn); each caption draws one, seeded by its id")
+    qa_pairs_min: int = Field(6, description="QA pairs per record, min (paper: 6-8)")
+    qa_pairs_max: int = Field(8, description="QA pairs per record, max")
+    multi_turn_min: int = Field(2, description="turns of a multi_turn dialogue, min")
+    multi_turn_max: int = Field(3, description="turns of a multi_turn dialogue, max")
+    max_captions_per_shard: int | None = Field(
+        None, description="use only the first N captions of each shard (demo budgets); null: all")
+    max_attempts: int = Field(3, description="attempts per record; each retry has a new seed")
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens_per_turn: int = Field(160, description="token budget = this x the most turns")
+    repeat_penalty: float = 1.1
+    sampling_seed: int = 4321
+    restate_threshold: float = Field(
+        0.9, description="an answer whose word set overlaps the question's this much (Jaccard) "
+        "restates it")
+
+    def settings(self) -> InstructionSettings:
+        pairs, dialogue = (self.qa_pairs_min, self.qa_pairs_max), (self.multi_turn_min,
+                                                                   self.multi_turn_max)
+        return InstructionSettings(
+            task_mix=self.task_mix,
+            turns={"multiple_choice": pairs, "question_answering": pairs,
+                   "complex_reasoning": pairs, "multi_turn": dialogue},
+            base_seed=self.sampling_seed, max_attempts=self.max_attempts,
+            restate_threshold=self.restate_threshold,
+            max_captions_per_shard=self.max_captions_per_shard,
+        )
+
+    def sampling(self) -> SamplingParams:
+        turns = max(self.qa_pairs_max, self.multi_turn_max)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                              max_tokens=self.max_tokens_per_turn * turns,
+                              repeat_penalty=self.repeat_penalty)
+
+
+def conversation_markdown(conversation: list[dict[str, str]]) -> str:
+    return "\n\n".join(f"**{t['from']}**: {t['value']}".replace("\n", "  \n")
+                       for t in conversation)
+
+
+@dg.multi_asset(
+    outs={
+        "instructions": dg.AssetOut(
+            description="One LLaVA/Bunny conversation per caption (multiple choice, question "
+            "answering, complex reasoning or multi-turn), validated, with full lineage.",
+            kinds={"polars", "parquet"}),
+        "instruction_rejects": dg.AssetOut(
+            description="Captions whose conversation stayed invalid after every attempt, each "
+            "with its reason, detail and last raw output.", kinds={"polars", "parquet"}),
+    },
+    partitions_def=seed_shards,
+    group_name="unicorn_stage2",
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+)
+def make_instructions(context: dg.AssetExecutionContext, config: InstructionConfig,
+                                llm: LLMResource, expanded_captions: pl.DataFrame
+                                ) -> Iterator[dg.Output]:
+    settings, params = config.settings(), config.sampling()
+    prompts = load_prompts(config.prompt_version)
+    plan = plan_instructions(expanded_captions, settings)
+    structured = llm.supports_json_schema
+    started = time.perf_counter()
+    generation = generate_instructions(
+        plan, prompts, lambda requests: llm.generate([ChatRequest.of(**r) for r in requests], params),
+        settings, structured=structured, model_id=llm.model_id, sampling=params.as_dict())
+    seconds = time.perf_counter() - started
+
+    records = split_by_shard(generation.records, context.partition_keys)
+    rejects = split_by_shard(generation.rejects, context.partition_keys)
+    for key in context.partition_keys:
+        context.log.info(f"{key}: {records[key].height} instruction records, "
+                         f"{rejects[key].height} rejected {reject_counts(rejects[key])}")
+    all_records, all_rejects = concat(records), concat(rejects)
+    validity, attempts = json_validity(all_records, all_rejects)
+    by_reason = reject_counts(all_rejects)
+    meta = frame_metadata(
+        all_records, task_type_counts=task_counts(all_records), rejects_by_reason=by_reason,
+        json_validity_rate=round(validity, 4), attempts=attempts,
+        requests_per_attempt=generation.batch_sizes,
+        structured_output="json_schema" if structured else "prompt_only",
+        task_mix=settings.shares(), turns={k: list(v) for k, v in settings.turns.items()},
+        captions_available=expanded_captions.height, captions_used=plan.height,
+        max_captions_per_shard=config.max_captions_per_shard,
+        prompt_versions=sorted({p.ref for p in prompts.values()}),
+        **llm_metadata(llm, generation.completions, seconds))
+    if all_records.height:
+        meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(all_records)))
+        meta["example_conversation"] = dg.MetadataValue.md(
+            conversation_markdown(all_records["conversations"][0].to_list()))
+    yield dg.Output(records, "instructions", metadata=meta)
+    yield dg.Output(rejects, "instruction_rejects", metadata=frame_metadata(
+        all_rejects, ["caption_id", "task_type", "reason", "detail"], rejects_by_reason=by_reason))
+
+
+@dg.asset_check(asset="instructions", name="reject_rate", blocking=True,
+                partitions_def=seed_shards,
+                additional_ins={"rejects": dg.AssetIn("instruction_rejects")},
+                description="share of captions whose record was rejected, under "
+                "quality_gates.instruction_max_reject_rate")
+def instructions_reject_rate(quality_gates: QualityGates, instructions: pl.DataFrame,
+                             rejects: pl.DataFrame) -> dg.AssetCheckResult:
+    return to_result(quality.reject_rate(instructions.height, rejects.height,
+                                         quality_gates.instruction_max_reject_rate,
+                                         reject_counts(rejects)))
+
+
+@dg.asset_check(asset="instructions", name="json_validity_rate", blocking=False,
+                partitions_def=seed_shards,
+                additional_ins={"rejects": dg.AssetIn("instruction_rejects")},
+                description="share of LLM attempts (records, rejects, retries) that returned JSON "
+                "valid for the schema, over quality_gates.instruction_min_json_validity")
+def instructions_json_validity(quality_gates: QualityGates, instructions: pl.DataFrame,
+                               rejects: pl.DataFrame) -> dg.AssetCheckResult:
+    rate, attempts = json_validity(instructions, rejects)
+    return to_result(quality.min_rate(rate, quality_gates.instruction_min_json_validity,
+                                      "JSON validity", attempts))
+
+
+def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:
+    mixes = frame["task_mix"].unique().to_list()
+    if len(mixes) > 1:
+        return quality.Outcome(False, f"{len(mixes)} different configured mixes in one shard",
+                               {"mixes": mixes})
+    expected = json.loads(mixes[0]) if mixes else {}
+    return quality.mix_within_tolerance(task_counts(frame), expected,
+                                        gates.instruction_mix_tolerance)
+
+
+def _multiple_choice(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.filter(pl.col("task_type") == "multiple_choice")
+
+
+stage2_checks = [
+    *standard_checks("instructions", schema=INSTRUCTION_SCHEMA, id_column="id",
+                     required=["id", "caption_id", "seed_id", "task_type", "conversations",
+                               "model_id", "prompt_version"]),
+    instructions_reject_rate,
+    instructions_json_validity,
+    frame_check("instructions", "task_mix", task_mix_outcome, blocking=False,
+                description="task-type shares within quality_gates.instruction_mix_tolerance "
+                "(plus binomial slack) of the configured mix"),
+    frame_check("instructions", "mc_answer_in_options",
+                lambda df, q: quality.rows_satisfy(
+                    _multiple_choice(df), "conversations", mc_answers_in_options,
+                    "every multiple-choice question lists 4 distinct options A-D and the reply "
+                    "starts with one of their letters"),
+                blocking=True, description="multiple-choice answers are one of the options"),
+    frame_check("instructions", "image_token",
+                lambda df, q: quality.rows_satisfy(
+                    df, "conversations", image_token_ok,
+                    "exactly one <image> token, in the first human turn"),
+                blocking=True, description="the first human turn carries exactly one <image> "
+                "token and no other turn has one"),
+    frame_check("instructions", "conversation_shape",
+                lambda df, q: quality.rows_satisfy(
+                    df, "conversations", well_formed,
+                    "human and gpt turns alternate in pairs, none empty"),
+                blocking=True, description="turns alternate human/gpt in pairs; no empty turn"),
+    *standard_checks("instruction_rejects", schema=INSTRUCTION_REJECT_SCHEMA, id_column=None,
+                     required=["caption_id", "reason", "detail"], non_empty=False),
+    frame_check("instruction_rejects", "known_reasons",
+                lambda df, q: quality.Outcome(
+                    df.filter(~pl.col("reason").is_in(list(REJECT_REASONS))).height == 0,
+                    "every reject reason is a known rule"),
+                blocking=False, description="every reject names one of the known rules"),
+]
