@@ -2,22 +2,48 @@
 
 import dagster as dg
 
-from dagster_project.jobs import JOBS
-from dagster_project.profiles import build_resources, load_profile
+from dagster_project.automation import (
+    AutomationSettings,
+    build_new_shard_sensor,
+    build_nightly_schedule,
+)
+from dagster_project.jobs import JOBS, SYNTHVLM_JOBS, unicorn_shard_job
+from dagster_project.profiles import (
+    build_resources,
+    load_profile,
+    synthvlm_enabled,
+    with_run_config,
+)
+from dagster_project.staleness import profile_op_config, with_recipe_versions
+from unicorn_assets.exports import export_asset_checks, export_assets
 from unicorn_assets.seeds import read_caption_seeds, seed_checks
 from unicorn_assets.stage1 import expand_captions, stage1_checks
+from unicorn_assets.stage2 import make_instructions, stage2_checks
+from unicorn_assets.stage3 import stage3_assets, stage3_checks
+from unicorn_assets.synthvlm import synthvlm_assets, synthvlm_checks
 
-ASSETS = [read_caption_seeds, expand_captions]
-ASSET_CHECKS = [*seed_checks, *stage1_checks]
+ASSETS = [read_caption_seeds, expand_captions, make_instructions, *stage3_assets, *export_assets]
+ASSET_CHECKS = [*seed_checks, *stage1_checks, *stage2_checks, *stage3_checks,
+                *export_asset_checks]
 
 
 def build_definitions(profile_name: str | None = None) -> dg.Definitions:
     profile = load_profile(profile_name)
+    synthvlm = synthvlm_enabled(profile)
+    resources = build_resources(profile)
+    automation = AutomationSettings.from_profile(profile)
+    op_configs = profile_op_config(profile)
+    jobs = with_run_config(JOBS + (SYNTHVLM_JOBS if synthvlm else []), profile)
+    shard_job = next(job for job in jobs if job.name == unicorn_shard_job.name)
     return dg.Definitions(
-        assets=ASSETS,
-        asset_checks=ASSET_CHECKS,
-        jobs=JOBS,
-        resources=build_resources(profile),
+        assets=with_recipe_versions(ASSETS + (synthvlm_assets if synthvlm else []), resources,
+                                    op_configs),
+        asset_checks=ASSET_CHECKS + (synthvlm_checks if synthvlm else []),
+        jobs=jobs,
+        resources=resources,
+        sensors=[build_new_shard_sensor(shard_job, automation.new_shard_sensor)],
+        schedules=[build_nightly_schedule(automation.nightly, op_configs)],
+        executor=automation.executor_def(),
     )
 
 

@@ -7,3 +7,12 @@ seed_shards = dg.DynamicPartitionsDefinition(name=SEED_SHARDS)
 
 # Backfills put up to this many shards into one run, so GPU models load once per run.
 SHARD_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=8)
+
+# Steps that hold a model on the local GPU (CLIP, SDXL) ask Kubernetes for one under the
+# k8s_job_executor; node selection and memory come from the executor's step_k8s_config (Helm
+# values). LLM steps reach a served model in a cluster and need none: they only share pool "gpu".
+GPU_OP_TAGS = {"dagster-k8s/config": {
+    "container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+    "pod_spec_config": {"tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+}}

@@ -13,19 +13,35 @@ from typing import Any
 
 import dagster as dg
 import yaml
+from dagster_shared.record import replace
 
-from unicorn_resources.llm import FakeLLM, LlamaCppLLM, LLMResource, TransformersLLM
+from unicorn_resources.clip import ClipResource, OpenClipResource
+from unicorn_resources.diffusion import DiffusionResource, SdxlResource
+from unicorn_resources.llm import (
+    FakeLLM,
+    LlamaCppLLM,
+    LLMResource,
+    OpenAILLM,
+    TransformersLLM,
+    VllmLLM,
+)
 from unicorn_resources.quality import QualityGates
 from unicorn_resources.seeds import BUNDLED_SEEDS, SeedSource
-from unicorn_resources.storage import ParquetIOManager, S3Options
+from unicorn_resources.storage import ParquetIOManager, S3Options, join
 
 PROFILE_DIR = files("dagster_project") / "profiles"
 
 LLM_BACKENDS: dict[str, type[LLMResource]] = {
     "llama_cpp": LlamaCppLLM,
     "transformers": TransformersLLM,
+    "vllm": VllmLLM,
+    "openai": OpenAILLM,
     "fake": FakeLLM,
 }
+
+
+CLIP_BACKENDS: dict[str, type[ClipResource]] = {"open_clip": OpenClipResource}
+DIFFUSION_BACKENDS: dict[str, type[DiffusionResource]] = {"sdxl": SdxlResource}
 
 
 class ProfileError(ValueError):
@@ -76,12 +92,58 @@ def _s3(section: dict[str, Any]) -> S3Options:
     return S3Options(**(section.pop("s3", None) or {}))
 
 
-def build_llm(section: dict[str, Any]) -> LLMResource:
+def build_llm(section: dict[str, Any], storage_base: str = "data") -> LLMResource:
+    """The response cache defaults to <storage base>/llm_cache.sqlite; with S3 storage it must be
+    set, since SQLite needs a filesystem (a shared volume in a cluster)."""
     section = dict(section)
     backend = section.pop("backend", "llama_cpp")
     if backend not in LLM_BACKENDS:
         raise ProfileError(f"llm.backend {backend!r} is unknown; use one of {sorted(LLM_BACKENDS)}")
+    if not section.get("cache_path"):
+        section.pop("cache_path", None)
+        if "://" not in storage_base and not isinstance(storage_base, dg.EnvVar):
+            section["cache_path"] = join(storage_base, "llm_cache.sqlite")
+        elif section.get("cache_enabled", True):
+            raise ProfileError(
+                f"llm.cache_path: storage is {storage_base!r}, but the SQLite response cache needs "
+                "a filesystem path; set llm.cache_path to a file on a volume every run mounts, or "
+                "llm.cache_enabled: false")
     return LLM_BACKENDS[backend](**section)
+
+
+def build_clip(section: dict[str, Any]) -> ClipResource:
+    section = dict(section)
+    backend = section.pop("backend", "open_clip")
+    if backend not in CLIP_BACKENDS:
+        raise ProfileError(f"clip.backend {backend!r} is unknown; use one of {sorted(CLIP_BACKENDS)}")
+    return CLIP_BACKENDS[backend](**section)
+
+
+def build_diffusion(section: dict[str, Any]) -> DiffusionResource:
+    section = dict(section)
+    backend = section.pop("backend", "sdxl")
+    if backend not in DIFFUSION_BACKENDS:
+        raise ProfileError(f"diffusion.backend {backend!r} is unknown; use one of "
+                           f"{sorted(DIFFUSION_BACKENDS)}")
+    return DIFFUSION_BACKENDS[backend](**section)
+
+
+def with_run_config(jobs: list[Any], profile: dict[str, Any]) -> list[Any]:
+    """Each job with its default run config from the profile's `run_config.<job name>` (e.g.
+    small demo settings on a CPU): runs of the job without config of their own use it, and the
+    launchpad shows it, editable. Asset materialisations outside these jobs use the defaults."""
+    configs = profile.get("run_config") or {}
+    unknown = sorted(set(configs) - {job.name for job in jobs})
+    if unknown:
+        raise ProfileError(f"run_config names unknown job(s) {unknown}; jobs: "
+                           f"{sorted(job.name for job in jobs)}")
+    # Dagster has no public way to set a defined asset job's config; `replace` rebuilds the record.
+    return [replace(job, config=configs[job.name]) if job.name in configs else job for job in jobs]
+
+
+def synthvlm_enabled(profile: dict[str, Any]) -> bool:
+    """The SynthVLM branch (its assets and jobs) is part of the Definitions only when turned on."""
+    return bool((profile.get("synthvlm") or {}).get("enabled", False))
 
 
 def build_resources(profile: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +156,8 @@ def build_resources(profile: dict[str, Any]) -> dict[str, Any]:
     return {
         "io_manager": ParquetIOManager(s3=storage_s3, **storage),
         "seeds": SeedSource(s3=seeds_s3, **seeds),
-        "llm": build_llm(profile.get("llm") or {}),
+        "llm": build_llm(profile.get("llm") or {}, storage.get("base_uri", "data")),
+        "clip": build_clip(profile.get("clip") or {}),
+        "diffusion": build_diffusion(profile.get("diffusion") or {}),
         "quality_gates": QualityGates(**(profile.get("quality_gates") or {})),
     }

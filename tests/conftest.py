@@ -45,7 +45,9 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 @pytest.fixture
 def instance(tmp_path: Path):
     """A real, persistent (SQLite-backed) Dagster instance in a temporary DAGSTER_HOME."""
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as inst:
         yield inst
 
 
@@ -60,7 +62,8 @@ def seed_dir(tmp_path: Path) -> Path:
 
 def make_resources(data_dir: Path, seed_location: Path | str, llm: LLMResource | None = None,
                    **overrides: Any) -> dict[str, Any]:
-    """The resources of the `local` profile, pointed at test folders."""
+    """The resources of the `local` profile, pointed at test folders. An `llm` given without a
+    cache_path gets one in `data_dir`, so no test shares the working tree's response cache."""
     profile: dict[str, Any] = {
         "storage": {"base_uri": str(data_dir)},
         "seeds": {"location": str(seed_location)},
@@ -71,10 +74,27 @@ def make_resources(data_dir: Path, seed_location: Path | str, llm: LLMResource |
         profile[section] = {**profile.get(section, {}), **values}
     resources = build_resources(profile)
     if llm is not None:
+        if "cache_path" not in llm.model_fields_set:
+            fields = {name: getattr(llm, name) for name in llm.model_fields_set}
+            llm = type(llm)(**fields, cache_path=str(Path(data_dir) / "llm_cache.sqlite"))
         resources["llm"] = llm
     return resources
 
 
 @pytest.fixture
-def fake_llm() -> FakeLLM:
-    return FakeLLM()
+def fake_llm(tmp_path: Path) -> FakeLLM:
+    return FakeLLM(cache_path=str(tmp_path / "llm_cache.sqlite"))
+
+
+def materialize_shard(instance: dg.DagsterInstance, resources: dict[str, Any], key: str,
+                      assets: list | None = None, **kwargs: Any) -> dg.ExecuteInProcessResult:
+    """Register `key` as a seed shard, then materialise `assets` (default: seeds and Stage 1) for
+    it in one run on `instance`."""
+    from dagster_project.partitions import SEED_SHARDS
+    from unicorn_assets.seeds import read_caption_seeds
+    from unicorn_assets.stage1 import expand_captions
+
+    if not instance.has_dynamic_partition(SEED_SHARDS, key):
+        instance.add_dynamic_partitions(SEED_SHARDS, [key])
+    return dg.materialize(assets or [read_caption_seeds, expand_captions], partition_key=key,
+                          resources=resources, instance=instance, **kwargs)

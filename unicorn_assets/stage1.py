@@ -57,7 +57,8 @@ class ExpansionConfig(dg.Config):
 
 
 def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
-    generated = sum(c.completion_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions if not c.cached)  # by the model now
+    hits = sum(1 for c in completions if c.cached)
     meta = {
         "model_id": llm.model_id,
         "llm_requests": len(completions),
@@ -65,7 +66,8 @@ def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
         "tokens_prompt": sum(c.prompt_tokens for c in completions),
         "generation_seconds": round(seconds, 3),
         "tokens_per_second": round(generated / seconds, 2) if seconds > 0 else 0.0,
-        "cache_hits": sum(1 for c in completions if c.cached),
+        "cache_hits": hits,
+        "cache_hit_rate": round(hits / len(completions), 4) if completions else 0.0,
     }
     if not llm.is_trained_model:
         meta["model_note"] = UNTRAINED_NOTE

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib.resources import files
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 
@@ -33,12 +34,32 @@ class SeedSource(dg.ConfigurableResource):
     label_templates: str = "seed_labels/v1.txt"
     templates_per_label: int = 10
 
-    def list_files(self) -> list[str]:
+    def list_entries(self) -> list[dict[str, Any]]:
+        """fsspec details (name, size, mtime or ETag) of the files at the location, listed afresh:
+        s3fs would otherwise answer from its listing cache and miss files added since."""
         fs, root = self.s3.fs(self.location)
+        fs.invalidate_cache(root)
         if not fs.isdir(root):
             raise SeedError(f"seed location {self.location} is not a folder or prefix; point "
                             "UNICORN_SEEDS (or the seeds resource's location) at one")
-        return [p for p in fs.ls(root, detail=False) if fs.isfile(p)]
+        return [e for e in fs.ls(root, detail=True) if e["type"] == "file"]
+
+    def list_files(self) -> list[str]:
+        return [e["name"] for e in self.list_entries()]
+
+    def fingerprint(self, entry: dict[str, Any], previous: dict[str, str] | None = None
+                    ) -> dict[str, str]:
+        """{"stat", "hash"} of a listed file. The hash identifies the content: the object store's
+        ETag on S3, else the SHA-256 of the bytes, recomputed only when size or mtime changed."""
+        etag = entry.get("ETag") or entry.get("etag")
+        stat = f"etag:{etag.strip(chr(34))}" if etag else f"{entry['size']}:{entry.get('mtime')}"
+        if previous and previous.get("stat") == stat:
+            return previous
+        if etag:
+            return {"stat": stat, "hash": stat}
+        fs, _ = self.s3.fs(self.location)
+        digest = hashlib.sha256(read_bytes(fs, entry["name"])).hexdigest()
+        return {"stat": stat, "hash": f"sha256:{digest}"}
 
     def shards(self) -> tuple[dict[str, str], list[str]]:
         """(partition key -> file URI, problems with files that could not become shards)."""

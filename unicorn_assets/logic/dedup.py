@@ -16,7 +16,7 @@ def shingles(text: str, n: int = 3) -> list[str]:
     toks = words(text)
     if len(toks) < n:
         return [" ".join(toks)] if toks else []
-    return [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+    return list(map(" ".join, zip(*(toks[i:] for i in range(n)))))
 
 
 def exact_duplicate_mask(texts: pl.Series) -> pl.Series:

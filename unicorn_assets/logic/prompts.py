@@ -26,7 +26,7 @@ class PromptSet:
     def ref(self) -> str:
         return f"{self.name}/{self.version}"
 
-    def messages(self, style: str, **values: str) -> list[dict[str, str]]:
+    def messages(self, style: str = "", **values: object) -> list[dict[str, str]]:
         user = Template(self.user).safe_substitute(focus=self.styles.get(style, ""), **values)
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 

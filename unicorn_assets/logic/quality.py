@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,3 +73,37 @@ def near_duplicate_rate(texts: Sequence[str], threshold: float, max_rate: float,
     rate, examined = exact_jaccard_pair_rate(texts, threshold, sample=sample)
     return Outcome(rate <= max_rate, f"{rate:.1%} near duplicates in {examined} sampled "
                    f"(max {max_rate:.0%})", {"near_duplicate_rate": rate, "sampled": examined})
+
+
+def min_rate(rate: float, minimum: float, what: str, measured: int) -> Outcome:
+    return Outcome(rate >= minimum, f"{what} {rate:.1%} over {measured} (min {minimum:.0%})",
+                   {"rate": rate, "measured": measured})
+
+
+def mix_within_tolerance(counts: Mapping[str, int], expected: Mapping[str, float],
+                         tolerance: float, z: float = 3.0) -> Outcome:
+    """Each category's share within `tolerance` of its expected share, plus the binomial slack of
+    `z` standard errors (a shard of a few records cannot show a mix precisely)."""
+    n = sum(counts.values())
+    if n == 0:
+        return Outcome(True, "no records to measure", {})
+    observed = {k: counts.get(k, 0) / n for k in sorted({*counts, *expected})}
+    off = {}
+    for k, share in observed.items():
+        p = expected.get(k, 0.0)
+        allowed = tolerance + z * math.sqrt(p * (1 - p) / n)
+        if abs(share - p) > allowed:
+            off[k] = {"observed": round(share, 4), "expected": round(p, 4),
+                      "allowed": round(allowed, 4)}
+    return Outcome(not off, f"shares off the configured mix: {sorted(off)}" if off else
+                   f"mix within tolerance over {n} records",
+                   {"observed": observed, "expected": dict(expected), "off": off, "records": n})
+
+
+def rows_satisfy(frame: pl.DataFrame, column: str, predicate: Callable[[Any], bool], what: str,
+                 id_column: str = "id") -> Outcome:
+    """Every row's `column` value satisfies `predicate`; the failing ids are listed."""
+    failing = [i for i, v in zip(frame[id_column].to_list(), frame[column].to_list())
+               if not predicate(v)]
+    return Outcome(not failing, f"{len(failing)} of {frame.height} rows break: {what}",
+                   {"failing": len(failing), "failing_ids": failing[:20]})

@@ -1,0 +1,309 @@
+"""Trainer-ready exports: LLaVA conversations as JSONL, each record pointing to its transferred
+embedding in safetensors shards, an index record id -> (file, row), and manifest.json.
+
+Layout of one export folder:
+    manifest.json                    counts, models, versions, sha256 and size of every file
+    records.jsonl                    {"id", "caption_id", ..., "conversations", "embedding": {"file", "row"}}
+    index.parquet                    id, file, row (random access by id)
+    embeddings/embeddings-00000.safetensors   tensor "embeddings": float32 (rows, dim)
+    modality_statistics.safetensors  mu_text (and mu_image): the shift that was applied
+
+Everything streams: embeddings in row batches, records through polars sinks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import polars as pl
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.numpy import save_file
+
+from unicorn_assets.logic.modality import ModalityStatistics, iter_vectors
+from unicorn_assets.logic.quality import Outcome
+
+EXPORT_FORMAT = "unicorn-export/1"
+TENSOR = "embeddings"
+RECORDS, INDEX, MANIFEST, STATISTICS = ("records.jsonl", "index.parquet", "manifest.json",
+                                        "modality_statistics.safetensors")
+TURN = pl.Struct({"from": pl.String, "value": pl.String})
+
+
+def pretrain_records(captions: pl.LazyFrame, prompts: Sequence[str]) -> pl.LazyFrame:
+    """One LLaVA pretraining record per caption: a brief-description prompt (picked by the
+    caption id, so a re-export picks the same one) and the caption as the answer."""
+    if not prompts:
+        raise ValueError("no brief-description prompts to choose from")
+    pick = (pl.col("caption_id").str.slice(0, 8).str.to_integer(base=16, strict=False)
+            .fill_null(0) % len(prompts))
+    prompt = pick.replace_strict(dict(enumerate(prompts)), return_dtype=pl.String)
+    return captions.select(
+        pl.col("caption_id").alias("id"), "caption_id",
+        pl.concat_list(
+            pl.struct(pl.lit("human").alias("from"), (pl.lit("<image>\n") + prompt).alias("value")),
+            pl.struct(pl.lit("gpt").alias("from"), pl.col("caption").alias("value")),
+        ).alias("conversations"),
+    )
+
+
+def instruct_records(instructions: pl.LazyFrame) -> pl.LazyFrame:
+    return instructions.select("id", "caption_id", "task_type", "conversations")
+
+
+class _ShardWriter:
+    """Copies embedding rows into one preallocated buffer and writes it as a safetensors file
+    each time it holds `rows_per_file` rows: memory stays at one file's worth."""
+
+    def __init__(self, folder: Path, rows_per_file: int, dim: int, metadata: dict[str, str]):
+        self.folder, self.metadata = folder, metadata
+        self.buffer = np.empty((rows_per_file, dim), dtype=np.float32)
+        self.filled = 0
+        self.ids: list[pl.Series] = []
+        self.pointers: list[pl.DataFrame] = []
+        self.rows: dict[str, int] = {}
+
+    def add(self, vectors: np.ndarray, caption_ids: pl.Series) -> None:
+        start = 0
+        while start < len(vectors):
+            take = min(len(self.buffer) - self.filled, len(vectors) - start)
+            self.buffer[self.filled : self.filled + take] = vectors[start : start + take]
+            self.ids.append(caption_ids.slice(start, take))
+            self.filled += take
+            start += take
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        name = f"embeddings/embeddings-{len(self.rows):05d}.safetensors"
+        (self.folder / "embeddings").mkdir(parents=True, exist_ok=True)
+        save_file({TENSOR: self.buffer[: self.filled]}, str(self.folder / name),
+                  metadata=self.metadata)
+        self.rows[name] = self.filled
+        self.pointers.append(pl.DataFrame({
+            "caption_id": pl.concat(self.ids), "file": pl.Series([name] * self.filled, dtype=pl.String),
+            "row": pl.Series(np.arange(self.filled), dtype=pl.Int64)}))
+        self.filled, self.ids = 0, []
+
+
+@dataclass(frozen=True)
+class WrittenExport:
+    records: int
+    embeddings: int
+    embedding_files: dict[str, int]  # file -> rows
+
+
+def write_export(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
+                 stats: ModalityStatistics, rows_per_file: int) -> WrittenExport:
+    """Write the embeddings the records use, then the records and the index, into `folder`.
+    Refuses embeddings shifted with any statistics but `stats` (the export's single version)."""
+    # a filter on the (small) set of used ids streams; a semi join would buffer the embeddings
+    ids = records.select(pl.col("caption_id").unique()).collect()["caption_id"]
+    used = embeddings.filter(pl.col("caption_id").is_in(ids.implode()))
+    writer = _ShardWriter(folder, rows_per_file, stats.dim, {
+        "statistics_version": stats.version, "model_id": stats.model_id, "dim": str(stats.dim)})
+    versions: set[str] = set()
+    for vectors, rest in iter_vectors(used, "caption_id", "statistics_version"):
+        versions.update(rest["statistics_version"].unique().to_list())
+        writer.add(vectors, rest["caption_id"])
+    writer.flush()
+    if versions - {stats.version}:
+        raise ValueError(f"transferred_embeddings holds rows shifted with statistics "
+                         f"{sorted(versions - {stats.version})}, not the current {stats.version}: "
+                         "re-materialise transferred_embeddings before exporting")
+    pointers = (pl.concat(writer.pointers) if writer.pointers else
+                pl.DataFrame(schema={"caption_id": pl.String, "file": pl.String, "row": pl.Int64}))
+    joined = records.join(pointers.lazy(), on="caption_id", how="left", maintain_order="left")
+    pl.collect_all([
+        joined.with_columns(pl.struct("file", "row").alias("embedding")).drop("file", "row")
+        .sink_ndjson(folder / RECORDS, lazy=True),
+        joined.select("id", "file", "row").sink_parquet(folder / INDEX, lazy=True),
+    ])
+    stat_tensors = {"mu_text": stats.mu_text}
+    if stats.mu_image is not None:
+        stat_tensors["mu_image"] = stats.mu_image
+    save_file(stat_tensors, str(folder / STATISTICS), metadata={"statistics_version": stats.version})
+    n_records = pl.scan_parquet(folder / INDEX).select(pl.len()).collect().item()
+    return WrittenExport(n_records, pointers.height, writer.rows)
+
+
+def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    with fs.open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_table(folder: Path, rows: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """{relative path: sha256, bytes (and rows for embedding files)} of every file but the manifest."""
+    fs = LocalFileSystem()
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        name = path.relative_to(folder).as_posix()
+        out[name] = {"sha256": sha256_file(fs, str(path)), "bytes": path.stat().st_size,
+                     **({"rows": rows[name]} if name in rows else {})}
+    return out
+
+
+def manifest(dataset: str, written: WrittenExport, stats: ModalityStatistics,
+             files: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    out = {
+        "format": EXPORT_FORMAT, "dataset": dataset,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
+        "counts": {"records": written.records, "embeddings": written.embeddings},
+        "records_file": RECORDS, "index_file": INDEX, "statistics_file": STATISTICS,
+        "embedding": {"dim": stats.dim, "dtype": "float32", "tensor": TENSOR,
+                      "model_id": stats.model_id, "pretrained": stats.pretrained},
+        "statistics_version": stats.version,
+        "transfer": stats.parameters(),
+        **extra,
+        "files": files,
+    }
+    if not stats.pretrained:
+        out["note"] = ("embeddings come from an untrained CLIP model (random weights): they mean "
+                       "nothing; for pipeline tests only")
+    return out
+
+
+def git_revision() -> str:
+    """The project's git commit (+dirty when tracked files changed); UNICORN_GIT_REVISION wins
+    (set it where the code runs from a package, not a checkout)."""
+    if os.environ.get("UNICORN_GIT_REVISION"):
+        return os.environ["UNICORN_GIT_REVISION"]
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+# --- publishing: the previous export is replaced whole ---------------------------------------
+
+def staging_folder(fs: fsspec.AbstractFileSystem, target: str) -> Path:
+    """A fresh folder to build the export in: beside the target when local (so the final rename
+    stays on one filesystem), else a local temporary folder that is uploaded."""
+    if isinstance(fs, LocalFileSystem):
+        parent = Path(target).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = parent / f".{Path(target).name}.staging-{uuid.uuid4().hex[:12]}"
+        folder.mkdir()
+        return folder
+    return Path(tempfile.mkdtemp(prefix="unicorn-export-"))
+
+
+def publish(staging: Path, fs: fsspec.AbstractFileSystem, target: str) -> None:
+    """Replace `target` with `staging`. Locally by two renames, so a reader sees the old export or
+    the new one, never a mix. On an object store, where nothing renames, the data files are
+    uploaded first and manifest.json last (the manifest is the commit point: read it first and
+    verify checksums), then files of the previous export that the new one lacks are deleted."""
+    if isinstance(fs, LocalFileSystem):
+        target_path = Path(target)
+        old = target_path.with_name(f".{target_path.name}.old-{uuid.uuid4().hex[:12]}")
+        if target_path.exists():
+            os.rename(target_path, old)
+        os.rename(staging, target_path)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    root = target.rstrip("/")
+    names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    for name in [n for n in names if n != MANIFEST] + [MANIFEST]:
+        fs.put_file(str(staging / name), f"{root}/{name}")
+    keep = {f"{root}/{name}" for name in names}
+    for path in fs.find(root):
+        if path not in keep:
+            fs.rm(path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- verification (the export's checks; also run on the staging folder before publishing) ----
+
+@dataclass(frozen=True)
+class ExportFolder:
+    fs: fsspec.AbstractFileSystem
+    path: str
+    polars_options: dict[str, str] | None = None
+
+    @property
+    def location(self) -> str:
+        """The folder as a local path or a URI (s3://...)."""
+        return self.uri("").rstrip("/")
+
+    def file(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def uri(self, name: str) -> str:
+        path = self.file(name)
+        return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        if not self.fs.exists(self.file(MANIFEST)):
+            return None
+        with self.fs.open(self.file(MANIFEST), "rb") as handle:
+            return json.load(handle)
+
+
+def checksums_match(folder: ExportFolder) -> Outcome:
+    """Every file the manifest lists exists with its size and sha256, and no other file is there."""
+    meta = folder.read_manifest()
+    if meta is None:
+        return Outcome(False, f"{folder.path}: no {MANIFEST}")
+    listed = meta["files"]
+    present = {p.removeprefix(folder.path.rstrip("/") + "/") for p in folder.fs.find(folder.path)}
+    missing = sorted(set(listed) - present)
+    unlisted = sorted(present - set(listed) - {MANIFEST})
+    mismatched = sorted(name for name in set(listed) & present
+                        if sha256_file(folder.fs, folder.file(name)) != listed[name]["sha256"])
+    ok = not (missing or unlisted or mismatched)
+    return Outcome(ok, f"{len(listed)} files listed: {len(missing)} missing, {len(mismatched)} "
+                   f"differ from their checksum, {len(unlisted)} not in the manifest",
+                   {"files": len(listed), "missing": missing[:10], "mismatched": mismatched[:10],
+                    "unlisted": unlisted[:10]})
+
+
+def records_resolve(folder: ExportFolder) -> Outcome:
+    """Every record id is in the index exactly once and points to an existing embedding row."""
+    meta = folder.read_manifest()
+    if meta is None:
+        return Outcome(False, f"{folder.path}: no {MANIFEST}")
+    rows = pl.DataFrame({"file": list(meta["files"]),
+                         "n_rows": [f.get("rows", 0) for f in meta["files"].values()]},
+                        schema={"file": pl.String, "n_rows": pl.Int64})
+    ids = pl.scan_ndjson(folder.uri(meta["records_file"]), storage_options=folder.polars_options,
+                         infer_schema_length=None).select("id")
+    index = pl.scan_parquet(folder.uri(meta["index_file"]), storage_options=folder.polars_options)
+    per_id = index.group_by("id").agg(pl.len().alias("entries"), pl.col("file").first(),
+                                      pl.col("row").first())
+    report = (ids.join(per_id, on="id", how="left").join(rows.lazy(), on="file", how="left")
+              .select(pl.len().alias("records"),
+                      (pl.col("entries").fill_null(0) != 1).sum().alias("not_once"),
+                      (pl.col("row").is_null() | pl.col("n_rows").is_null()
+                       | (pl.col("row") < 0) | (pl.col("row") >= pl.col("n_rows"))).sum()
+                      .alias("dangling"))
+              .collect().row(0, named=True))
+    orphans = index.join(ids, on="id", how="anti").select(pl.len()).collect().item()
+    count_ok = report["records"] == meta["counts"]["records"]
+    ok = report["not_once"] == 0 and report["dangling"] == 0 and orphans == 0 and count_ok
+    return Outcome(ok, f"{report['records']} records: {report['not_once']} not indexed exactly "
+                   f"once, {report['dangling']} point to no embedding, {orphans} index entries "
+                   f"without a record" + ("" if count_ok else "; the manifest's record count is "
+                                          "wrong"),
+                   {**report, "orphan_index_entries": orphans,
+                    "manifest_records": meta["counts"]["records"]})

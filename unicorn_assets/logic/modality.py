@@ -1,0 +1,271 @@
+"""Stage 3: CLIP text embeddings of the captions, corpus statistics, and the mean-shift transfer
+v = l2norm(u - mu_text + mu_image) that moves text embeddings toward the image modality.
+
+Everything corpus-wide streams in row batches: nothing holds all embeddings in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from unicorn_assets.logic.quality import Outcome
+
+EMBEDDING = "embedding"
+BATCH_ROWS = 16_384  # rows per streamed batch: 48 MiB of float32 at 768 dimensions
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TRANSFER_FORMULA = "v = (u - mu_text + mu_image) / ||u - mu_text + mu_image||  (mu_image = 0 when absent)"
+
+
+def embedding_dtype(dim: int) -> pl.Array:
+    return pl.Array(pl.Float32, dim)
+
+
+CAPTION_EMBEDDING_SCHEMA = pl.Schema({"caption_id": pl.String, "shard": pl.String,
+                                      "model_id": pl.String})  # + embedding: Array(Float32, dim)
+TRANSFERRED_SCHEMA = pl.Schema({"caption_id": pl.String, "shard": pl.String,
+                                "shift_norm": pl.Float32, "statistics_version": pl.String})
+
+
+def caption_embeddings_frame(captions: pl.DataFrame, vectors: np.ndarray, model_id: str) -> pl.DataFrame:
+    """One row per caption, in caption order: ids, shard, encoder and its float32 vector."""
+    if vectors.shape[0] != captions.height:
+        raise ValueError(f"{vectors.shape[0]} embeddings for {captions.height} captions")
+    return captions.select("caption_id", "shard").with_columns(
+        pl.lit(model_id).alias("model_id"),
+        pl.Series(EMBEDDING, vectors.astype(np.float32, copy=False), dtype=embedding_dtype(vectors.shape[1])),
+    )
+
+
+def iter_vectors(frame: pl.LazyFrame | pl.DataFrame, *columns: str,
+                 batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.ndarray, pl.DataFrame]]:
+    """(float32 (n, d) embeddings, the other requested columns) per streamed batch of rows."""
+    lazy = frame.lazy().select(EMBEDDING, *columns)
+    for batch in lazy.collect_batches(chunk_size=batch_rows):
+        if batch.height:
+            yield batch[EMBEDDING].to_numpy().astype(np.float32, copy=False), batch.drop(EMBEDDING)
+
+
+@dataclass
+class EmbeddingSummary:
+    """Accumulated over batches: count, dimension, non-finite rows, norm range, float64 sum of the
+    finite rows (each row times its weight when weights are given), and distinct tag values."""
+
+    count: int = 0
+    dim: int | None = None
+    nonfinite_rows: int = 0
+    min_norm: float = float("inf")
+    max_norm: float = float("-inf")
+    total: np.ndarray | None = None
+    tags: set[str] = field(default_factory=set)
+
+    def add(self, vectors: np.ndarray, weights: np.ndarray | None = None,
+            tags: Iterable[str] = ()) -> None:
+        if self.dim is None:
+            self.dim, self.total = vectors.shape[1], np.zeros(vectors.shape[1], dtype=np.float64)
+        elif vectors.shape[1] != self.dim:
+            raise ValueError(f"embedding width changed from {self.dim} to {vectors.shape[1]}")
+        finite = np.isfinite(vectors).all(axis=1)
+        good = vectors[finite].astype(np.float64)
+        if weights is not None:
+            good *= weights[finite, None]
+        self.count += len(vectors)
+        self.nonfinite_rows += int((~finite).sum())
+        if len(good):
+            norms = np.linalg.norm(vectors[finite], axis=1)
+            self.min_norm = min(self.min_norm, float(norms.min()))
+            self.max_norm = max(self.max_norm, float(norms.max()))
+            self.total += good.sum(axis=0)
+        self.tags.update(tags)
+
+    @property
+    def mean(self) -> np.ndarray:
+        finite = self.count - self.nonfinite_rows
+        if self.total is None or finite == 0:
+            raise ValueError("no finite embeddings to average")
+        return self.total / finite
+
+
+def summarise(frame: pl.LazyFrame | pl.DataFrame, weight: str | None = None,
+              tag: str | None = None, batch_rows: int = BATCH_ROWS) -> EmbeddingSummary:
+    summary = EmbeddingSummary()
+    columns = [c for c in (weight, tag) if c]
+    for vectors, rest in iter_vectors(frame, *columns, batch_rows=batch_rows):
+        summary.add(vectors, rest[weight].to_numpy() if weight else None,
+                    rest[tag].unique().to_list() if tag else ())
+    return summary
+
+
+@dataclass(frozen=True)
+class ModalityStatistics:
+    """The corpus text-embedding mean (and optionally an image-embedding mean) the shift uses."""
+
+    model_id: str
+    pretrained: bool
+    count: int
+    dim: int
+    mu_text: np.ndarray
+    shards: int
+    image_count: int = 0
+    mu_image: np.ndarray | None = None
+    image_source: str | None = None
+
+    @property
+    def version(self) -> str:
+        """A content hash: any change of model, corpus or image set gives a new version."""
+        head = json.dumps([self.model_id, self.count, self.dim, self.image_count, self.image_source])
+        digest = hashlib.sha256(head.encode())
+        digest.update(np.ascontiguousarray(self.mu_text, dtype=np.float64).tobytes())
+        if self.mu_image is not None:
+            digest.update(np.ascontiguousarray(self.mu_image, dtype=np.float64).tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
+    def target(self) -> np.ndarray:
+        """Where the mean of the shifted (unnormalised) text embeddings lands: mu_image, or 0."""
+        return self.mu_image if self.mu_image is not None else np.zeros(self.dim)
+
+    @property
+    def offset(self) -> np.ndarray:
+        """The vector subtracted from every text embedding."""
+        return self.mu_text - self.target
+
+    def parameters(self) -> dict:
+        return {"formula": TRANSFER_FORMULA, "statistics_version": self.version,
+                "model_id": self.model_id, "count": self.count, "dim": self.dim,
+                "mu_text_norm": float(np.linalg.norm(self.mu_text)),
+                "mu_image_norm": None if self.mu_image is None else float(np.linalg.norm(self.mu_image)),
+                "image_count": self.image_count, "image_source": self.image_source}
+
+    def to_frame(self) -> pl.DataFrame:
+        vec = pl.Array(pl.Float64, self.dim)
+        return pl.DataFrame({
+            "statistics_version": [self.version], "model_id": [self.model_id],
+            "pretrained": [self.pretrained], "count": [self.count], "dim": [self.dim],
+            "shards": [self.shards], "mu_text": pl.Series([self.mu_text], dtype=vec),
+            "image_count": [self.image_count],
+            "mu_image": pl.Series([self.mu_image], dtype=vec),
+            "image_source": pl.Series([self.image_source], dtype=pl.String),
+        })
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame) -> ModalityStatistics:
+        if frame.height != 1:
+            raise ValueError(f"modality_statistics must have one row, found {frame.height}")
+        row = frame.row(0, named=True)
+        stats = cls(model_id=row["model_id"], pretrained=row["pretrained"], count=row["count"],
+                    dim=row["dim"], mu_text=np.asarray(row["mu_text"], dtype=np.float64),
+                    shards=row["shards"], image_count=row["image_count"],
+                    mu_image=None if row["mu_image"] is None
+                    else np.asarray(row["mu_image"], dtype=np.float64),
+                    image_source=row["image_source"])
+        if stats.version != row["statistics_version"]:
+            raise ValueError(f"modality_statistics was edited: its stored version "
+                             f"{row['statistics_version']} does not match its content ({stats.version})")
+        return stats
+
+
+def text_statistics(embeddings: pl.LazyFrame | pl.DataFrame,
+                    batch_rows: int = BATCH_ROWS) -> tuple[EmbeddingSummary, int]:
+    """(summary with the streamed mean, number of shards), refusing a corpus that mixes encoders."""
+    summary = summarise(embeddings, tag="model_id", batch_rows=batch_rows)
+    if summary.count == 0:
+        raise ValueError("caption_embeddings holds no rows: materialise it for at least one shard")
+    if len(summary.tags) != 1:
+        raise ValueError(f"caption_embeddings mixes encoders {sorted(summary.tags)}: re-materialise "
+                         "every shard with one CLIP model before computing statistics")
+    if summary.nonfinite_rows:
+        raise ValueError(f"{summary.nonfinite_rows} caption embeddings are NaN/Inf; fix "
+                         "caption_embeddings (its finite check names the shard) first")
+    shards = embeddings.lazy().select(pl.col("shard").n_unique()).collect().item()
+    return summary, shards
+
+
+def reference_images(folder: str | Path) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"reference image folder {root} does not exist; set "
+                                "modality_statistics' reference_images to a folder of images, or null")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    return paths
+
+
+def transfer(embeddings: pl.LazyFrame, stats: ModalityStatistics) -> pl.LazyFrame:
+    """The mean shift as a lazy query (streamed when sunk): one statistics version for every row."""
+    offset = pl.Series([stats.offset.astype(np.float32)], dtype=embedding_dtype(stats.dim))
+    shifted = pl.col(EMBEDDING) - pl.lit(offset)
+    norm = (shifted * shifted).arr.sum().sqrt()
+    return embeddings.select(
+        "caption_id", "shard",
+        (shifted / norm).alias(EMBEDDING),
+        norm.cast(pl.Float32).alias("shift_norm"),
+        pl.lit(stats.version).alias("statistics_version"),
+    )
+
+
+# Checks: pure rules over summaries and frames.
+
+def dimension(summary: EmbeddingSummary, expected: int) -> Outcome:
+    return Outcome(summary.dim == expected, f"embedding dimension {summary.dim} (expected {expected})",
+                   {"dim": summary.dim, "expected": expected})
+
+
+def finite(summary: EmbeddingSummary) -> Outcome:
+    return Outcome(summary.nonfinite_rows == 0 and summary.count > 0,
+                   f"{summary.nonfinite_rows} of {summary.count} embeddings hold NaN/Inf",
+                   {"nonfinite_rows": summary.nonfinite_rows, "rows": summary.count})
+
+
+def norms_in_range(summary: EmbeddingSummary, low: float, high: float) -> Outcome:
+    ok = summary.count > 0 and low <= summary.min_norm and summary.max_norm <= high
+    return Outcome(ok, f"L2 norms in [{summary.min_norm:.6f}, {summary.max_norm:.6f}] "
+                   f"(allowed [{low}, {high}])",
+                   {"min_norm": summary.min_norm, "max_norm": summary.max_norm})
+
+
+def statistics_valid(frame: pl.DataFrame) -> Outcome:
+    """The stored statistics parse, their version matches their content, and the means are
+    finite vectors of the stored dimension over at least one caption."""
+    try:
+        stats = ModalityStatistics.from_frame(frame)
+    except ValueError as err:
+        return Outcome(False, str(err))
+    vectors = [stats.mu_text] + ([stats.mu_image] if stats.mu_image is not None else [])
+    ok = stats.count > 0 and all(v.shape == (stats.dim,) and np.isfinite(v).all() for v in vectors)
+    return Outcome(ok, f"{len(vectors)} mean(s) of dimension {stats.dim} over {stats.count} "
+                   f"captions{'' if ok else ': NaN/Inf, wrong width or no captions'}",
+                   {"count": stats.count, "dim": stats.dim})
+
+
+def shifted_mean(weighted: EmbeddingSummary, stats: ModalityStatistics, tolerance: float) -> Outcome:
+    """`weighted` sums v * shift_norm = u - mu_text + mu_image, so its mean must be mu_image (or 0)."""
+    error = float(np.linalg.norm(weighted.mean - stats.target))
+    aim = "mu_image" if stats.mu_image is not None else "0"
+    return Outcome(error <= tolerance, f"mean of the shifted text embeddings is {error:.2e} from "
+                   f"{aim} (tolerance {tolerance})", {"distance": error, "target": aim})
+
+
+def single_version(summary: EmbeddingSummary, stats: ModalityStatistics) -> Outcome:
+    ok = summary.tags == {stats.version} and summary.count == stats.count
+    return Outcome(ok, f"{summary.count} rows shifted with statistics {sorted(summary.tags)}; current "
+                   f"statistics {stats.version} cover {stats.count} captions",
+                   {"versions": sorted(summary.tags), "current": stats.version,
+                    "rows": summary.count, "statistics_count": stats.count})
+
+
+def row_alignment(caption_ids: pl.Series, embedding_ids: pl.Series) -> Outcome:
+    captions, embedded = set(caption_ids.to_list()), set(embedding_ids.to_list())
+    missing, extra = len(captions - embedded), len(embedded - captions)
+    dupes = embedding_ids.len() - embedding_ids.n_unique()
+    ok = not missing and not extra and not dupes
+    return Outcome(ok, f"{caption_ids.len()} captions, {embedding_ids.len()} embeddings: {missing} "
+                   f"without embedding, {extra} embeddings without caption, {dupes} duplicated",
+                   {"missing": missing, "extra": extra, "duplicates": dupes})
