@@ -158,7 +158,8 @@ def find_stale(instance: dg.DagsterInstance, graph: Any, keys: Iterable[dg.Asset
         if key not in selected:
             continue
         node = graph.get(key)
-        for partition in (shards if node.is_partitioned else [None]):
+        # With no shard yet, a corpus-wide asset has nothing to aggregate: it is not due.
+        for partition in (shards if node.is_partitioned else [None] if shards else []):
             stale = _check(node, partition, graph, latest, found, busy, shards)
             if stale:
                 found[(key, partition)] = stale
