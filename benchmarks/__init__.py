@@ -1,0 +1,1 @@
+"""Benchmarks: every stage against the raw engine beneath it. Run `python -m benchmarks.run`."""
