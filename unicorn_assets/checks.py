@@ -58,3 +58,20 @@ def standard_checks(asset: str, *, schema: pl.Schema, id_column: str | None,
                                   blocking=True, partitions_def=partitions_def,
                                   description=f"{id_column} is unique"))
     return checks
+
+
+def reject_rate_check(asset: str, rejects_asset: str, gate: str,
+                      count_reasons: Callable[[pl.DataFrame], dict[str, int]],
+                      description: str) -> dg.AssetChecksDefinition:
+    """Blocking: the share of `asset`'s records rejected into `rejects_asset` is at most
+    `quality_gates.<gate>`."""
+
+    @dg.asset_check(asset=asset, name="reject_rate", blocking=True, description=description,
+                    partitions_def=seed_shards,
+                    additional_ins={"rejects": dg.AssetIn(rejects_asset)})
+    def _check(quality_gates: QualityGates, data: pl.DataFrame,
+               rejects: pl.DataFrame) -> dg.AssetCheckResult:
+        return to_result(quality.reject_rate(data.height, rejects.height,
+                                             getattr(quality_gates, gate), count_reasons(rejects)))
+
+    return _check

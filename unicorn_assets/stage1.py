@@ -7,7 +7,7 @@ import dagster as dg
 import polars as pl
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
-from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.expansion import (
     CAPTION_REJECT_SCHEMA,
@@ -23,7 +23,6 @@ from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_assets.metadata import frame_metadata
 from unicorn_assets.sharding import concat, split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
-from unicorn_resources.quality import QualityGates
 
 UNTRAINED_NOTE = "stand-in model: its text is meaningless, for tests and overhead benchmarks only"
 
@@ -119,16 +118,10 @@ def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
         all_rejected, ["reason", "caption"], rejects_by_reason=counts))
 
 
-@dg.asset_check(asset="expanded_captions", name="reject_rate", blocking=True,
-                partitions_def=seed_shards,
-                additional_ins={"rejects": dg.AssetIn("expanded_caption_rejects")},
-                description="share of expanded captions rejected, under "
+expanded_captions_reject_rate = reject_rate_check(
+    "expanded_captions", "expanded_caption_rejects", "caption_max_reject_rate", reject_counts,
+    description="share of expanded captions rejected, under "
                 "quality_gates.caption_max_reject_rate")
-def expanded_captions_reject_rate(quality_gates: QualityGates, expanded_captions: pl.DataFrame,
-                                  rejects: pl.DataFrame) -> dg.AssetCheckResult:
-    return to_result(quality.reject_rate(expanded_captions.height, rejects.height,
-                                         quality_gates.caption_max_reject_rate,
-                                         reject_counts(rejects)))
 
 
 stage1_checks = [

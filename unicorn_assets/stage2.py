@@ -9,7 +9,7 @@ import polars as pl
 from pydantic import Field
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
-from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks, to_result
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.instructions import (
     INSTRUCTION_REJECT_SCHEMA,
@@ -139,16 +139,10 @@ def make_instructions(context: dg.AssetExecutionContext, config: InstructionConf
         all_rejects, ["caption_id", "task_type", "reason", "detail"], rejects_by_reason=by_reason))
 
 
-@dg.asset_check(asset="instructions", name="reject_rate", blocking=True,
-                partitions_def=seed_shards,
-                additional_ins={"rejects": dg.AssetIn("instruction_rejects")},
-                description="share of captions whose record was rejected, under "
+instructions_reject_rate = reject_rate_check(
+    "instructions", "instruction_rejects", "instruction_max_reject_rate", reject_counts,
+    description="share of captions whose record was rejected, under "
                 "quality_gates.instruction_max_reject_rate")
-def instructions_reject_rate(quality_gates: QualityGates, instructions: pl.DataFrame,
-                             rejects: pl.DataFrame) -> dg.AssetCheckResult:
-    return to_result(quality.reject_rate(instructions.height, rejects.height,
-                                         quality_gates.instruction_max_reject_rate,
-                                         reject_counts(rejects)))
 
 
 @dg.asset_check(asset="instructions", name="json_validity_rate", blocking=False,
