@@ -469,9 +469,9 @@ def test_schema_and_id_checks():
 
 def test_reject_rate_check():
     good = records([record(i) for i in range(3)])
-    assert check("instructions:reject_rate", instructions=good,
+    assert check("instructions:reject_rate", data=good,
                  rejects=rejects(["empty_turn"] * 3)).passed  # 50 %
-    result = check("instructions:reject_rate", instructions=good.head(1),
+    result = check("instructions:reject_rate", data=good.head(1),
                    rejects=rejects(["empty_turn"] * 19))  # 95 % > 90 %
     assert not result.passed and result.metadata["by_reason"].data["empty_turn"] == 19
 
