@@ -81,6 +81,12 @@ def markdown(report: dict[str, Any]) -> str:
         (f"Load average (1/5/15 min) at start {m['load_average_start']}, at end "
          f"{report['load_average_end']}: other processes share this machine, so compare the "
          "ratios, which are taken within one run, not absolute times across runs."),
+        ("1-minute load average before and after each benchmark: " + "; ".join(
+            f"{name} {entry['load_average_before'][0]} -> {entry['load_average_after'][0]}"
+            for name, entry in report["benchmarks"].items()) + "."),
+        *([("These rows come from more than one invocation (`--only`): " + "; ".join(
+            f"{name} started {entry['started']}" for name, entry in report["benchmarks"].items())
+            + ".")] if len({e.get("run") for e in report["benchmarks"].values()}) > 1 else []),
         "",
         ("Each value and baseline is the median of `runs` runs in one process, interleaved in "
          "mirrored rounds (value baseline, baseline value, ...). Ratio = value / baseline, except "

@@ -6,6 +6,7 @@ load; the response cache is off."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ from unicorn_assets.logic.expansion import plan_expansions
 from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_assets.stage1 import ExpansionConfig
 
-FULL = {"seeds": 64, "max_tokens": 48, "runs": 3}
+FULL = {"seeds": 64, "max_tokens": 48, "runs": 5}
 SMOKE = {"seeds": 2, "max_tokens": 4, "runs": 1}
 SHARD = "bench-stage1"
 BENCH = "1. Stage 1 vs raw llama.cpp"
@@ -55,7 +56,8 @@ def raw_loop(llm: Any, requests: list[tuple[list[dict], int]], config: Expansion
         tokens += response["usage"]["completion_tokens"]
     finished = time.perf_counter()
     model.close()  # the pipeline's wall time includes the resource teardown too
-    return {"seconds": time.perf_counter() - started, "load_seconds": loaded - started,
+    return {"seconds": time.perf_counter() - started, "load_average": os.getloadavg()[0],
+            "load_seconds": loaded - started,
             "generation_seconds": finished - loaded, "tokens": tokens}
 
 
@@ -85,7 +87,7 @@ def run(size: dict[str, Any]) -> list[Row]:
                 seconds = time.perf_counter() - started
                 if not run_metadata(result, "expanded_captions", "llm_requests"):
                     raise RuntimeError(f"the Stage 1 run {result.run_id} wrote no captions")
-                return {"seconds": seconds,
+                return {"seconds": seconds, "load_average": os.getloadavg()[0],
                         "generation_seconds": run_metadata(result, "expanded_captions",
                                                            "generation_seconds")[0],
                         "tokens": run_metadata(result, "expanded_captions", "tokens_generated")[0],
@@ -109,6 +111,8 @@ def run(size: dict[str, Any]) -> list[Row]:
         "expansions_per_seed": 1, "model": llm.model_id, "load_time": "included in both",
         "pipeline_seconds": [round(r["seconds"], 3) for r in pipe],
         "ratio_per_round": [round(r["seconds"] / p["seconds"], 3) for p, r in zip(pipe, raw)],
+        "load_average_after_each": {"pipeline": [round(r["load_average"], 2) for r in pipe],
+                                    "raw": [round(r["load_average"], 2) for r in raw]},
         "raw_seconds": [round(r["seconds"], 3) for r in raw],
         "pipeline_generation_seconds_per_round": [round(r["generation_seconds"], 3) for r in pipe],
         "raw_generation_seconds_per_round": [round(r["generation_seconds"], 3) for r in raw],
