@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from typing import Any
 
+import dagster as dg
 import polars as pl
 import pytest
 from conftest import coco_captions
@@ -451,7 +452,7 @@ def rejects(reasons: list[str], attempts: int = 1) -> pl.DataFrame:
 
 
 def check(name: str, **inputs: Any):
-    return CHECKS[name](quality_gates=GATES, **inputs)
+    return CHECKS[name](dg.build_asset_check_context(), quality_gates=GATES, **inputs)
 
 
 def test_schema_and_id_checks():

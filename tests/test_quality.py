@@ -96,6 +96,26 @@ def test_reject_rate():
     assert not quality.reject_rate(0, 3, 0.9).passed  # everything rejected
 
 
+def test_per_shard_judges_every_shard_on_its_own():
+    kept = pl.DataFrame({"shard": ["a"] * 18 + ["b"] * 2})
+    rejects = pl.DataFrame({"shard": ["b"] * 2})
+
+    def rule(kept, rejects):
+        return quality.reject_rate(kept.height, rejects.height, max_rate=0.25)
+
+    frames = {"kept": kept, "rejects": rejects}
+    assert rule(**frames).passed  # 2 of 22 rejected over the run: averaged away
+    outcome = quality.per_shard(["a", "b", "c"], frames, rule)
+    assert not outcome.passed  # but shard b lost half of its captions
+    assert outcome.metadata["failing_shards"] == ["b"] and outcome.metadata["shards"] == 3
+    assert outcome.metadata["by_shard"]["c"]["passed"]  # a shard with no rows is still judged
+    assert "1 of 3 shards fail: b: " in outcome.description
+    empty = quality.per_shard(["a", "c"], {"data": kept}, lambda data: quality.non_empty(data))
+    assert not empty.passed and empty.metadata["failing_shards"] == ["c"]
+    single = quality.per_shard(["b"], frames, rule)  # one shard: the rule's own outcome
+    assert single == rule(**frames) and "failing_shards" not in single.metadata
+
+
 def test_near_duplicate_rate():
     assert quality.near_duplicate_rate(CAPTIONS, 0.85, 0.0).passed
     long = " ".join(CAPTIONS[:5])

@@ -398,12 +398,22 @@ def test_bad_shards_do_not_touch_the_good_ones(tmp_path: Path, instance):
                     for m in (e.materialization for e in result.get_asset_materialization_events())}
     assert materialised == {(a, k) for a in ("caption_seeds", "caption_seed_rejects")
                             for k in ("empty", "good", "mixed")}
-    meta = result.asset_materializations_for_node("read_caption_seeds")[0].metadata
-    assert meta["rejects_by_reason"].value == {"bad_encoding": 1, "bad_json": 1, "empty_file": 1}
+    # one run, three shards: each shard's materialisation carries its own figures
+    meta = {(m.asset_key.to_user_string(), m.partition): m.metadata
+            for m in (e.materialization for e in result.get_asset_materialization_events())}
+    assert {k: meta["caption_seeds", k]["dagster/row_count"].value for k in shards} == \
+        {"empty": 0, "good": 4, "mixed": 2}
+    assert meta["caption_seeds", "mixed"]["rejects_by_reason"].value == \
+        {"bad_encoding": 1, "bad_json": 1}
+    assert meta["caption_seed_rejects", "empty"]["rejects_by_reason"].value == {"empty_file": 1}
+    assert meta["caption_seeds", "good"]["shards_in_run"].value == 3
 
-    # the blocking malformed-line check stops 3 bad lines in 9 (over 25%) from flowing on
-    rate = checks_by_name(result, "caption_seeds")["malformed_line_rate"]
-    assert not rate.passed and rate.metadata["rejected"].value == 3
+    # the blocking checks judge each shard on its own: the good shard does not dilute the rate
+    # of the bad ones, and the empty shard is not hidden by the others' rows
+    checks = checks_by_name(result, "caption_seeds")
+    assert not checks["malformed_line_rate"].passed
+    assert checks["malformed_line_rate"].metadata["failing_shards"].value == ["empty", "mixed"]
+    assert checks["non_empty"].metadata["failing_shards"].value == ["empty"]
     assert not result.success
     # ... while the good shard alone passes every check
     good_only = materialise_seeds(instance, data, folder, ["good"])

@@ -100,12 +100,21 @@ def test_two_shards_in_one_run_with_the_local_profile_settings(instance, tmp_pat
     assert STAGE2_CHECKS <= checks_run(result)
 
     demo = local_run_config()["unicorn_shard_job"]["ops"]["make_instructions"]["config"]
+    per_shard = {e.materialization.partition: {k: getattr(v, "value", v) for k, v in
+                                               e.materialization.metadata.items()}
+                 for e in result.get_asset_materialization_events()
+                 if e.asset_key.to_user_string() == "instructions"}
+    assert sorted(per_shard) == sorted(SHARDS)
+    used = 0
+    for key, shard_meta in per_shard.items():  # each shard's materialisation has its own figures
+        available = pl.read_parquet(data / "expanded_captions" / f"{key}.parquet").height
+        written = pl.read_parquet(data / "instructions" / f"{key}.parquet").height
+        assert shard_meta["captions_available"] == available > demo["max_captions_per_shard"]
+        assert shard_meta["captions_used"] == demo["max_captions_per_shard"]
+        assert shard_meta["dagster/row_count"] == written
+        assert shard_meta["shards_in_run"] == len(SHARDS)
+        used += shard_meta["captions_used"]
     meta = materialization(result, "instructions")
-    captions = pl.concat([pl.read_parquet(data / "expanded_captions" / f"{k}.parquet")
-                          for k in SHARDS])
-    used = sum(min(n, demo["max_captions_per_shard"])
-               for n in captions.group_by("shard").len()["len"])
-    assert meta["captions_available"] == captions.height > used == meta["captions_used"]
     assert meta["max_captions_per_shard"] == demo["max_captions_per_shard"]
     assert meta["requests_per_attempt"] == [used]  # both shards in one batch
     assert meta["structured_output"] == "json_schema"
@@ -121,10 +130,12 @@ def test_two_shards_in_one_run_with_the_local_profile_settings(instance, tmp_pat
         assert set(recs["shard"]) <= {key} and set(rejs["shard"]) <= {key}
         assert recs.height + rejs.height == demo["max_captions_per_shard"]  # none dropped
         rows[key] = recs
+        assert per_shard[key]["task_type_counts"] == {
+            t: recs.filter(pl.col("task_type") == t).height for t in TASK_TYPES}
+        assert per_shard[key]["json_validity_rate"] == 1.0
     records = pl.concat(rows.values())
-    assert meta["task_type_counts"] == {t: records.filter(pl.col("task_type") == t).height
-                                        for t in TASK_TYPES}
-    assert meta["json_validity_rate"] == 1.0
+    captions = pl.concat([pl.read_parquet(data / "expanded_captions" / f"{k}.parquet")
+                          for k in SHARDS])
     assert set(records["n_turns"]) == {demo["qa_pairs_max"]}
     assert records["caption_id"].is_in(captions["caption_id"].to_list()).all()
     for conv in records["conversations"].to_list():

@@ -21,16 +21,23 @@ def to_result(outcome: quality.Outcome, severity: dg.AssetCheckSeverity = dg.Ass
                                metadata=outcome.metadata, severity=severity)
 
 
+def run_shards(context: dg.AssetCheckExecutionContext) -> list[str]:
+    """The shards a check step covers: one, or several in a backfill run; none if unpartitioned."""
+    return context.partition_keys if context.has_partition_key_range else []
+
+
 def frame_check(asset: str, name: str, rule: Callable[[pl.DataFrame, QualityGates], quality.Outcome],
                 *, blocking: bool, description: str,
                 partitions_def: dg.PartitionsDefinition | None = seed_shards,
                 ) -> dg.AssetChecksDefinition:
-    """One check that loads the asset (this run's partition) and applies `rule` to it."""
+    """One check that loads the asset (this run's partitions) and applies `rule` to each shard."""
 
     @dg.asset_check(asset=asset, name=name, blocking=blocking, description=description,
                     partitions_def=partitions_def)
-    def _check(quality_gates: QualityGates, data: pl.DataFrame) -> dg.AssetCheckResult:
-        return to_result(rule(data, quality_gates))
+    def _check(context: dg.AssetCheckExecutionContext, quality_gates: QualityGates,
+               data: pl.DataFrame) -> dg.AssetCheckResult:
+        return to_result(quality.per_shard(run_shards(context), {"data": data},
+                                           lambda data: rule(data, quality_gates)))
 
     return _check
 
@@ -69,9 +76,12 @@ def reject_rate_check(asset: str, rejects_asset: str, gate: str,
     @dg.asset_check(asset=asset, name="reject_rate", blocking=True, description=description,
                     partitions_def=seed_shards,
                     additional_ins={"rejects": dg.AssetIn(rejects_asset)})
-    def _check(quality_gates: QualityGates, data: pl.DataFrame,
-               rejects: pl.DataFrame) -> dg.AssetCheckResult:
-        return to_result(quality.reject_rate(data.height, rejects.height,
-                                             getattr(quality_gates, gate), count_reasons(rejects)))
+    def _check(context: dg.AssetCheckExecutionContext, quality_gates: QualityGates,
+               data: pl.DataFrame, rejects: pl.DataFrame) -> dg.AssetCheckResult:
+        return to_result(quality.per_shard(
+            run_shards(context), {"data": data, "rejects": rejects},
+            lambda data, rejects: quality.reject_rate(data.height, rejects.height,
+                                                      getattr(quality_gates, gate),
+                                                      count_reasons(rejects))))
 
     return _check

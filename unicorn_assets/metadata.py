@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagster as dg
@@ -34,3 +34,12 @@ def frame_metadata(frame: pl.DataFrame, sample_columns: Sequence[str] | None = N
     for key, value in extra.items():
         meta[key] = dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
     return meta
+
+
+def add_shard_metadata(context: dg.AssetExecutionContext, asset: str,
+                       metadata_for: Callable[[str], dict[str, Any]]) -> None:
+    """Gives each shard's materialisation its own row count, sample and counts. A backfill run
+    covers several shards; without this, each of them would show the whole run's figures. The
+    output's own metadata (model, timings) then describes the run and names its shard count."""
+    for key in context.partition_keys:
+        context.add_asset_metadata(metadata_for(key), asset_key=asset, partition_key=key)

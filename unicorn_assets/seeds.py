@@ -6,11 +6,10 @@ import dagster as dg
 import polars as pl
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
-from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.checks import frame_check, run_shards, standard_checks, to_result
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
-from unicorn_assets.metadata import frame_metadata
-from unicorn_assets.sharding import concat
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata
 from unicorn_resources.quality import QualityGates
 from unicorn_resources.seeds import SeedSource
 
@@ -31,33 +30,38 @@ from unicorn_resources.seeds import SeedSource
 )
 def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource) -> Iterator[dg.Output]:
     results = {key: seeds.read_shard(key) for key in context.partition_keys}
-    counts: dict[str, int] = {}
     for key, result in results.items():
-        for reason, n in result.counts.items():
-            counts[reason] = counts.get(reason, 0) + n
         bad = result.rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
         if bad.height:
             context.log.warning(f"{key}: {bad.height} malformed line(s) skipped into "
                                 "caption_seed_rejects: " + "; ".join(bad["detail"].head(3)))
-    seeds_by_shard = {k: r.seeds for k, r in results.items()}
-    rejects_by_shard = {k: r.rejects for k, r in results.items()}
-    yield dg.Output(seeds_by_shard, "caption_seeds", metadata=frame_metadata(
-        concat(seeds_by_shard), ["seed_id", "seed_kind", "caption"],
-        lines_read=sum(r.lines_read for r in results.values()), rejects_by_reason=counts))
-    yield dg.Output(rejects_by_shard, "caption_seed_rejects", metadata=frame_metadata(
-        concat(rejects_by_shard), ["source_line", "reason", "detail"], rejects_by_reason=counts))
+    add_shard_metadata(context, "caption_seeds", lambda key: frame_metadata(
+        results[key].seeds, ["seed_id", "seed_kind", "caption"],
+        lines_read=results[key].lines_read, rejects_by_reason=results[key].counts))
+    add_shard_metadata(context, "caption_seed_rejects", lambda key: frame_metadata(
+        results[key].rejects, ["source_line", "reason", "detail"],
+        rejects_by_reason=results[key].counts))
+    run = {"shards_in_run": len(results)}
+    yield dg.Output({k: r.seeds for k, r in results.items()}, "caption_seeds", metadata=run)
+    yield dg.Output({k: r.rejects for k, r in results.items()}, "caption_seed_rejects",
+                    metadata=run)
 
 
 @dg.asset_check(asset="caption_seeds", name="malformed_line_rate", blocking=True,
                 partitions_def=seed_shards,
                 additional_ins={"rejects": dg.AssetIn("caption_seed_rejects")},
                 description="share of malformed seed lines under quality_gates.seed_max_reject_rate")
-def caption_seeds_malformed_rate(quality_gates: QualityGates, caption_seeds: pl.DataFrame,
+def caption_seeds_malformed_rate(context: dg.AssetCheckExecutionContext,
+                                 quality_gates: QualityGates, caption_seeds: pl.DataFrame,
                                  rejects: pl.DataFrame) -> dg.AssetCheckResult:
-    bad = rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
-    by_reason = dict(bad.group_by("reason").len().iter_rows())
-    return to_result(quality.reject_rate(caption_seeds.height, bad.height,
-                                         quality_gates.seed_max_reject_rate, by_reason))
+    def rule(seeds: pl.DataFrame, rejects: pl.DataFrame) -> quality.Outcome:
+        bad = rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
+        by_reason = dict(bad.group_by("reason").len().iter_rows())
+        return quality.reject_rate(seeds.height, bad.height, quality_gates.seed_max_reject_rate,
+                                   by_reason)
+
+    return to_result(quality.per_shard(run_shards(context),
+                                       {"seeds": caption_seeds, "rejects": rejects}, rule))
 
 
 seed_checks = [

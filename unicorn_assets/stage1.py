@@ -20,8 +20,8 @@ from unicorn_assets.logic.expansion import (
     reject_counts,
 )
 from unicorn_assets.logic.prompts import load_prompt_set
-from unicorn_assets.metadata import frame_metadata
-from unicorn_assets.sharding import concat, split_by_shard
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata
+from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 
 UNTRAINED_NOTE = "stand-in model: its text is meaningless, for tests and overhead benchmarks only"
@@ -108,14 +108,15 @@ def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
         kept[key], rejected[key] = filter_captions(shard_captions, config.filters())
         context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
                          f"rejected {reject_counts(rejected[key])}")
-    all_kept, all_rejected = concat(kept), concat(rejected)
-    counts = reject_counts(all_rejected)
-    llm_meta = llm_metadata(llm, completions, seconds)
-    yield dg.Output(kept, "expanded_captions", metadata=frame_metadata(
-        all_kept, ["caption_id", "style", "caption"], rejects_by_reason=counts,
-        prompt_version=prompts.ref, **llm_meta))
-    yield dg.Output(rejected, "expanded_caption_rejects", metadata=frame_metadata(
-        all_rejected, ["reason", "caption"], rejects_by_reason=counts))
+    add_shard_metadata(context, "expanded_captions", lambda key: frame_metadata(
+        kept[key], ["caption_id", "style", "caption"],
+        rejects_by_reason=reject_counts(rejected[key])))
+    add_shard_metadata(context, "expanded_caption_rejects", lambda key: frame_metadata(
+        rejected[key], ["reason", "caption"], rejects_by_reason=reject_counts(rejected[key])))
+    run = {"shards_in_run": len(kept)}
+    yield dg.Output(kept, "expanded_captions", metadata={
+        **run, "prompt_version": prompts.ref, **llm_metadata(llm, completions, seconds)})
+    yield dg.Output(rejected, "expanded_caption_rejects", metadata=run)
 
 
 expanded_captions_reject_rate = reject_rate_check(

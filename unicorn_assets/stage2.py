@@ -9,7 +9,13 @@ import polars as pl
 from pydantic import Field
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
-from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks, to_result
+from unicorn_assets.checks import (
+    frame_check,
+    reject_rate_check,
+    run_shards,
+    standard_checks,
+    to_result,
+)
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.instructions import (
     INSTRUCTION_REJECT_SCHEMA,
@@ -27,8 +33,8 @@ from unicorn_assets.logic.instructions import (
     task_counts,
     well_formed,
 )
-from unicorn_assets.metadata import frame_metadata, markdown_table
-from unicorn_assets.sharding import concat, split_by_shard
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.sharding import split_by_shard
 from unicorn_assets.stage1 import llm_metadata
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.quality import QualityGates
@@ -117,26 +123,33 @@ def make_instructions(context: dg.AssetExecutionContext, config: InstructionConf
     for key in context.partition_keys:
         context.log.info(f"{key}: {records[key].height} instruction records, "
                          f"{rejects[key].height} rejected {reject_counts(rejects[key])}")
-    all_records, all_rejects = concat(records), concat(rejects)
-    validity, attempts = json_validity(all_records, all_rejects)
-    by_reason = reject_counts(all_rejects)
-    meta = frame_metadata(
-        all_records, task_type_counts=task_counts(all_records), rejects_by_reason=by_reason,
-        json_validity_rate=round(validity, 4), attempts=attempts,
-        requests_per_attempt=generation.batch_sizes,
-        structured_output="json_schema" if structured else "prompt_only",
-        task_mix=settings.shares(), turns={k: list(v) for k, v in settings.turns.items()},
-        captions_available=expanded_captions.height, captions_used=plan.height,
-        max_captions_per_shard=config.max_captions_per_shard,
-        prompt_versions=sorted({p.ref for p in prompts.values()}),
-        **llm_metadata(llm, generation.completions, seconds))
-    if all_records.height:
-        meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(all_records)))
-        meta["example_conversation"] = dg.MetadataValue.md(
-            conversation_markdown(all_records["conversations"][0].to_list()))
-    yield dg.Output(records, "instructions", metadata=meta)
-    yield dg.Output(rejects, "instruction_rejects", metadata=frame_metadata(
-        all_rejects, ["caption_id", "task_type", "reason", "detail"], rejects_by_reason=by_reason))
+    def shard_meta(key: str) -> dict:
+        shard, validity = records[key], json_validity(records[key], rejects[key])
+        meta = frame_metadata(
+            shard, task_type_counts=task_counts(shard), rejects_by_reason=reject_counts(rejects[key]),
+            json_validity_rate=round(validity[0], 4), attempts=validity[1],
+            captions_available=expanded_captions.filter(pl.col("shard") == key).height,
+            captions_used=plan.filter(pl.col("shard") == key).height)
+        if shard.height:
+            meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(shard)))
+            meta["example_conversation"] = dg.MetadataValue.md(
+                conversation_markdown(shard["conversations"][0].to_list()))
+        return meta
+
+    add_shard_metadata(context, "instructions", shard_meta)
+    add_shard_metadata(context, "instruction_rejects", lambda key: frame_metadata(
+        rejects[key], ["caption_id", "task_type", "reason", "detail"],
+        rejects_by_reason=reject_counts(rejects[key])))
+    run = {"shards_in_run": len(records)}
+    yield dg.Output(records, "instructions", metadata={
+        **run, "requests_per_attempt": dg.MetadataValue.json(generation.batch_sizes),
+        "structured_output": "json_schema" if structured else "prompt_only",
+        "task_mix": dg.MetadataValue.json(settings.shares()),
+        "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
+        "max_captions_per_shard": config.max_captions_per_shard,
+        "prompt_versions": dg.MetadataValue.json(sorted({p.ref for p in prompts.values()})),
+        **llm_metadata(llm, generation.completions, seconds)})
+    yield dg.Output(rejects, "instruction_rejects", metadata=run)
 
 
 instructions_reject_rate = reject_rate_check(
@@ -150,11 +163,16 @@ instructions_reject_rate = reject_rate_check(
                 additional_ins={"rejects": dg.AssetIn("instruction_rejects")},
                 description="share of LLM attempts (records, rejects, retries) that returned JSON "
                 "valid for the schema, over quality_gates.instruction_min_json_validity")
-def instructions_json_validity(quality_gates: QualityGates, instructions: pl.DataFrame,
+def instructions_json_validity(context: dg.AssetCheckExecutionContext,
+                               quality_gates: QualityGates, instructions: pl.DataFrame,
                                rejects: pl.DataFrame) -> dg.AssetCheckResult:
-    rate, attempts = json_validity(instructions, rejects)
-    return to_result(quality.min_rate(rate, quality_gates.instruction_min_json_validity,
-                                      "JSON validity", attempts))
+    def rule(records: pl.DataFrame, rejects: pl.DataFrame) -> quality.Outcome:
+        rate, attempts = json_validity(records, rejects)
+        return quality.min_rate(rate, quality_gates.instruction_min_json_validity,
+                                "JSON validity", attempts)
+
+    return to_result(quality.per_shard(run_shards(context),
+                                       {"records": instructions, "rejects": rejects}, rule))
 
 
 def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:

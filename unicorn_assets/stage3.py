@@ -19,7 +19,7 @@ from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.quality import Outcome, schema_matches
-from unicorn_assets.metadata import frame_metadata, markdown_table, table_schema
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table, table_schema
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.quality import QualityGates
@@ -57,10 +57,13 @@ def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
     seconds = time.perf_counter() - started
     frame = modality.caption_embeddings_frame(expanded_captions, vectors, clip.model_id)
     context.log.info(f"{frame.height} captions encoded in {seconds:.1f}s by {clip.model_id}")
-    return dg.Output(split_by_shard(frame, context.partition_keys), metadata=frame_metadata(
-        frame, ["caption_id", "shard", "model_id"], encode_seconds=round(seconds, 3),
-        embeddings_per_second=round(frame.height / seconds, 1) if seconds > 0 else 0.0,
-        **clip_metadata(clip)))
+    frames = split_by_shard(frame, context.partition_keys)
+    add_shard_metadata(context, "caption_embeddings", lambda key: frame_metadata(
+        frames[key], ["caption_id", "shard", "model_id"]))
+    return dg.Output(frames, metadata={
+        "shards_in_run": len(frames), "encode_seconds": round(seconds, 3),
+        "embeddings_per_second": round(frame.height / seconds, 1) if seconds > 0 else 0.0,
+        **clip_metadata(clip)})
 
 
 @dg.asset_check(asset=caption_embeddings, name="embedding_dimension", blocking=True,

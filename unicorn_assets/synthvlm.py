@@ -24,8 +24,8 @@ from unicorn_assets.logic import synthvlm as logic
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_assets.logic.quality import Outcome
 from unicorn_assets.logic.text import excerpt, stable_int
-from unicorn_assets.metadata import frame_metadata, markdown_table
-from unicorn_assets.sharding import concat, split_by_shard
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.sharding import split_by_shard
 from unicorn_assets.stage1 import llm_metadata
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
@@ -136,12 +136,12 @@ def synthvlm_candidates(context: dg.AssetExecutionContext, config: CandidateConf
         by_shard[key], rejects[key] = logic.split_candidates(
             logic.cap_by_quality(shard, rules.quality_top_fraction))
         context.log.info(f"{key}: {by_shard[key].height} caption(s) to render")
-    kept, rejected = concat(by_shard), concat(rejects)
-    counts = logic.reason_counts(rejected)
-    return dg.Output(by_shard, metadata=frame_metadata(
-        kept, ["caption_id", "caption_quality", "judgement", "caption"],
-        captions_in=expanded_captions.height, rejects_by_reason=counts,
-        rejected_sample=dg.MetadataValue.md(_rejects_markdown(rejected)), **judge_meta))
+    add_shard_metadata(context, "synthvlm_candidates", lambda key: frame_metadata(
+        by_shard[key], ["caption_id", "caption_quality", "judgement", "caption"],
+        captions_in=expanded_captions.filter(pl.col("shard") == key).height,
+        rejects_by_reason=logic.reason_counts(rejects[key]),
+        rejected_sample=dg.MetadataValue.md(_rejects_markdown(rejects[key]))))
+    return dg.Output(by_shard, metadata={"shards_in_run": len(by_shard), **judge_meta})
 
 
 def _rejects_markdown(rejected: pl.DataFrame) -> str:
@@ -194,17 +194,19 @@ def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
         out[key] = pl.DataFrame(rows, schema=logic.IMAGE_SCHEMA)
         context.log.info(f"{key}: {len(rows)} image(s) written under {folder}")
     seconds = time.perf_counter() - started
-    frame = concat(out)
-    meta = {"diffusion_model": diffusion.model_id, "render_settings": json.loads(settings),
+    rendered = sum(frame.height for frame in out.values())
+    meta = {"shards_in_run": len(out), "diffusion_model": diffusion.model_id,
+            "render_settings": dg.MetadataValue.json(json.loads(settings)),
             "images_per_caption": config.images_per_caption, "render_seconds": round(seconds, 2),
-            "images_per_second": round(frame.height / seconds, 3) if seconds > 0 else 0.0,
+            "images_per_second": round(rendered / seconds, 3) if seconds > 0 else 0.0,
             "image_folder": dg.MetadataValue.path(storage_uri(io_manager, config.folder)),
             "examples": dg.MetadataValue.md(_thumbnail_table(
                 [(i, caption, {}) for i, caption in thumbs]))}
     if not diffusion.is_pretrained:
         meta["model_note"] = UNTRAINED_NOTE
-    return dg.Output(out, metadata=frame_metadata(
-        frame, ["image_id", "image_index", "seed", "uri"], **meta))
+    add_shard_metadata(context, "synthetic_images", lambda key: frame_metadata(
+        out[key], ["image_id", "image_index", "seed", "uri"]))
+    return dg.Output(out, metadata=meta)
 
 
 def _thumbnail_table(rows: Sequence[tuple[Image.Image, str, dict]]) -> str:
@@ -275,16 +277,16 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
                 pl.lit(clip.is_pretrained).alias("clip_pretrained"),
             ))
         out[key] = pl.concat(parts) if parts else pl.DataFrame(schema=logic.SCORE_SCHEMA)
-    frame = concat(out)
-    meta = {"clip_model": clip.model_id, "ssim_size": ssim_size,
+    meta = {"shards_in_run": len(out), "clip_model": clip.model_id, "ssim_size": ssim_size,
             "prompt_prefix": config.prompt_prefix, "clip_weight": config.clip_weight,
-            "score_seconds": round(time.perf_counter() - started, 2),
-            "clipscore": logic.distribution(frame["clipscore"]),
-            "ssim": logic.distribution(frame["ssim"])}
+            "score_seconds": round(time.perf_counter() - started, 2)}
     if not clip.is_pretrained:
         meta["model_note"] = UNTRAINED_CLIP_NOTE
-    return dg.Output(out, metadata=frame_metadata(
-        frame, ["image_id", "clip_cosine", "clipscore", "ssim"], **meta))
+    add_shard_metadata(context, "image_scores", lambda key: frame_metadata(
+        out[key], ["image_id", "clip_cosine", "clipscore", "ssim"],
+        clipscore=logic.distribution(out[key]["clipscore"]),
+        ssim=logic.distribution(out[key]["ssim"])))
+    return dg.Output(out, metadata=meta)
 
 
 @dg.asset_check(asset="image_scores", name="every_image_scored", blocking=True,

@@ -107,3 +107,22 @@ def rows_satisfy(frame: pl.DataFrame, column: str, predicate: Callable[[Any], bo
                if not predicate(v)]
     return Outcome(not failing, f"{len(failing)} of {frame.height} rows break: {what}",
                    {"failing": len(failing), "failing_ids": failing[:20]})
+
+
+def per_shard(keys: Sequence[str], frames: Mapping[str, pl.DataFrame],
+              rule: Callable[..., Outcome]) -> Outcome:
+    """Applies `rule` to each shard's rows of `frames` (split by their `shard` column) and passes
+    only if every shard passes, so that one bad shard in a multi-shard (backfill) run is not
+    averaged away by the others. One shard: the rule's own outcome."""
+    if len(keys) <= 1:
+        return rule(**frames)
+    outcomes = {key: rule(**{name: frame.filter(pl.col("shard") == key)
+                             for name, frame in frames.items()}) for key in keys}
+    failing = [key for key, outcome in outcomes.items() if not outcome.passed]
+    summary = (f"{len(failing)} of {len(keys)} shards fail: " + "; ".join(
+        f"{key}: {outcomes[key].description}" for key in failing[:5])) if failing \
+        else f"all {len(keys)} shards pass"
+    return Outcome(not failing, summary, {
+        "shards": len(keys), "failing_shards": failing,
+        "by_shard": {key: {"passed": o.passed, "description": o.description}
+                     for key, o in outcomes.items()}})
