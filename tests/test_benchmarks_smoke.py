@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import run as runner
 from benchmarks.common import fit_exponent, peak_rss
+from benchmarks.stage3 import POLARS_ROW_GROUP_ROWS
 
 
 def run_suite(names: list[str], out: Path) -> dict:
@@ -67,7 +68,8 @@ def test_stage3_smoke(tmp_path):
     assert corpus["step_seconds"]["transferred_embeddings"] > 0
     assert corpus["step_seconds"]["pretrain_dataset"] > 0
     memory = rows["peak RSS"]["details"]["runs"]
-    assert {run["input_row_group_rows"] for run in memory.values()} == {"IO manager default", 16384}
+    assert {run["input_row_group_rows"] for run in memory.values()} == {
+        "IO manager default", POLARS_ROW_GROUP_ROWS}
 
 
 def test_peak_rss_measures_the_command_not_its_parent(tmp_path):

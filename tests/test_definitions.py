@@ -1,6 +1,7 @@
 """The Definitions load (in-process and through the Dagster CLI, as `dagster dev` loads them), every
 asset has checks, and every per-record asset is partitioned by the one seed_shards definition."""
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,32 @@ def test_the_dagster_cli_validates_the_definitions(tmp_path: Path, target):
                          timeout=300, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "All code locations passed validation" in out.stdout + out.stderr
+
+
+HEAVY = ("torch", "transformers", "diffusers", "open_clip")
+PROBE = """
+import json, sys
+import dagster_project.definitions as location
+for profile in ("local", "docker", "gpu", "cluster"):
+    location.build_definitions(profile).resolve_all_job_defs()
+{then}
+print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def heavy_modules_after(then: str = "") -> list[str]:
+    """The model libraries a fresh process holds after loading the code location (every profile),
+    then running `then`."""
+    out = subprocess.run([sys.executable, "-c", PROBE.format(then=then, heavy=HEAVY)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_loading_the_code_location_imports_no_model_library():
+    """Every process that loads the Definitions (code server, run workers, Stage 1 runs) would
+    otherwise pay torch's ~500 MiB; the resources import their model libraries when they run."""
+    assert heavy_modules_after() == []
+    # the probe sees torch once a model code path runs: the batcher imports it when it maps
+    assert "torch" in heavy_modules_after(
+        "from unicorn_resources.batching import OomBatcher\n"
+        "assert OomBatcher(2).map(len, [1, 2, 3]) == [2, 1]")

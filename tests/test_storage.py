@@ -6,12 +6,19 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import coco_captions
 from fsspec.implementations.local import LocalFileSystem
 
 from dagster_project.partitions import SEED_SHARDS, seed_shards
-from unicorn_resources.storage import ParquetIOManager, atomic_write, write_bytes, write_parquet
+from unicorn_resources.storage import (
+    ROW_GROUP_ROWS,
+    ParquetIOManager,
+    atomic_write,
+    write_bytes,
+    write_parquet,
+)
 
 FS = LocalFileSystem()
 
@@ -149,3 +156,49 @@ def test_uris_for_local_and_s3_bases():
     assert local.uri("corpus") == "/srv/data/corpus.parquet"
     s3 = ParquetIOManager(base_uri="s3://bucket/unicorn")
     assert s3.uri("caption_seeds", "x") == "s3://bucket/unicorn/caption_seeds/x.parquet"
+
+
+# ---------------------------------------------------------------- bounded row groups
+
+BIG_ROWS = ROW_GROUP_ROWS * 5 // 2  # two and a half row groups
+
+
+def big_frame(rows: int = BIG_ROWS) -> pl.LazyFrame:
+    """Rows of a float vector, as corpus-wide embeddings are stored, and a text column."""
+    return pl.LazyFrame({"i": pl.int_range(rows, eager=True)}).with_columns(
+        pl.concat_arr(pl.col("i").cast(pl.Float32), pl.lit(1.0, pl.Float32)).alias("embedding"),
+        pl.format("caption {}", "i").alias("caption"))
+
+
+def row_groups(path: Path) -> list[int]:
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
+@dg.asset(partitions_def=seed_shards)
+def big_shards(context: dg.AssetExecutionContext) -> dict[str, pl.DataFrame]:
+    return {key: big_frame().collect() for key in context.partition_keys}
+
+
+@dg.asset
+def big_corpus() -> pl.LazyFrame:
+    return big_frame()
+
+
+def test_the_io_manager_writes_bounded_row_groups(tmp_path: Path, instance):
+    """Streaming readers decode whole row groups: a file written in polars' default groups (512^2
+    rows) would make every reader of a corpus of embeddings hold hundreds of MiB at once."""
+    data = tmp_path / "data"
+    instance.add_dynamic_partitions(SEED_SHARDS, ["a"])
+    assert run(instance, data, [big_shards], "a").success  # an eager DataFrame per shard
+    assert run(instance, data, [big_corpus]).success  # a LazyFrame, streamed by sink_parquet
+    for path in (data / "big_shards" / "a.parquet", data / "big_corpus.parquet"):
+        groups = row_groups(path)
+        assert sum(groups) == BIG_ROWS, path
+        assert max(groups) <= ROW_GROUP_ROWS, (path, groups)
+        assert pl.read_parquet(path).equals(big_frame().collect()), path
+    write_parquet(FS, str(tmp_path / "plain.parquet"), big_frame(ROW_GROUP_ROWS).collect())
+    assert row_groups(tmp_path / "plain.parquet") == [ROW_GROUP_ROWS]
+    # the bound is the writer's doing: polars' defaults put the same frame in one big group
+    big_frame().collect().write_parquet(tmp_path / "default.parquet")
+    assert row_groups(tmp_path / "default.parquet") == [BIG_ROWS]

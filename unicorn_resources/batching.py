@@ -1,11 +1,12 @@
-"""Batched model calls that survive CUDA out-of-memory: an OOM halves the batch and retries it."""
+"""Batched model calls that survive CUDA out-of-memory: an OOM halves the batch and retries it.
+
+torch is imported where it is used, not here: every process that loads the Definitions imports
+this module, and most of them (Stage 1 runs, the code server) never run a model on torch."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import TypeVar
-
-import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -29,6 +30,8 @@ class OomBatcher:
 
     def map(self, fn: Callable[[Sequence[T]], R], items: Sequence[T]) -> list[R]:
         """[fn(batch) for each batch of items], in order; each item is in exactly one batch."""
+        import torch
+
         results: list[R] = []
         start = 0
         while start < len(items):
@@ -42,6 +45,8 @@ class OomBatcher:
         return results
 
     def _shrink(self, failed_size: int, err: Exception) -> None:
+        import torch
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if failed_size <= 1:

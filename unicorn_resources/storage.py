@@ -89,15 +89,21 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
             write(handle)
 
 
+# Rows per Parquet row group. Streaming readers decode whole row groups, several at a time, so this
+# bounds their memory: 48 MiB of 768-d float32 embeddings, where polars' default (512^2 rows)
+# holds 768 MiB (benchmarks/FINDINGS.md, 6. Memory).
+ROW_GROUP_ROWS = 16_384
+
+
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str,
                   frame: pl.DataFrame | pl.LazyFrame) -> None:
-    """A LazyFrame is streamed into the file in row groups, never collected whole."""
+    """Write `frame` in row groups of at most ROW_GROUP_ROWS rows. A LazyFrame is streamed into
+    the file, never collected whole."""
+    options = {"compression": "zstd", "statistics": True, "row_group_size": ROW_GROUP_ROWS}
     if isinstance(frame, pl.LazyFrame):
-        atomic_write(fs, path, lambda handle: frame.sink_parquet(
-            handle, compression="zstd", statistics=True, row_group_size=16_384))
+        atomic_write(fs, path, lambda handle: frame.sink_parquet(handle, **options))
         return
-    atomic_write(fs, path, lambda handle: frame.write_parquet(handle, compression="zstd",
-                                                              statistics=True))
+    atomic_write(fs, path, lambda handle: frame.write_parquet(handle, **options))
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
