@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from dagster_project.partitions import SEED_SHARDS, SHARD_BACKFILL
 from dagster_project.staleness import find_stale, run_requests
-from unicorn_assets.logic.seeds import discover_shards
+from unicorn_assets.logic.seeds import claim_keys, discover_shards
 from unicorn_resources.seeds import SeedSource
 
 SEED_ASSET = dg.AssetKey("caption_seeds")
@@ -76,11 +76,13 @@ class AutomationSettings(_Settings):
 # --- the new-shard sensor -------------------------------------------------------------------------
 
 def scan_seed_location(seeds: SeedSource, known: dict[str, dict[str, str]]
-                       ) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """{shard key: fingerprint} of the seed files now at the location, and the files that cannot
-    be shards (bad name, key taken twice, empty) with the fix for each."""
+                       ) -> tuple[dict[str, dict[str, str]], list[str], set[str]]:
+    """{shard key: fingerprint} of the seed files now at the location, the files that cannot
+    be shards (bad name, key claimed by several files, empty) with the fix for each, and the keys
+    claimed by several files (on hold until all but one are renamed)."""
     entries = {e["name"]: e for e in seeds.list_entries()}
     shards, problems = discover_shards(list(entries))
+    held = {key for key, files in claim_keys(list(entries))[0].items() if len(files) > 1}
     found = {}
     for key, name in shards.items():
         if entries[name]["size"] == 0:
@@ -88,7 +90,7 @@ def scan_seed_location(seeds: SeedSource, known: dict[str, dict[str, str]]
                             "seed records")
             continue
         found[key] = seeds.fingerprint(entries[name], known.get(key))
-    return found, problems
+    return found, problems, held
 
 
 def build_new_shard_sensor(job: dg.UnresolvedAssetJobDefinition,
@@ -104,14 +106,15 @@ def build_new_shard_sensor(job: dg.UnresolvedAssetJobDefinition,
     def new_seed_shards(context: dg.SensorEvaluationContext, seeds: SeedSource) -> dg.SensorResult:
         cursor = json.loads(context.cursor) if context.cursor else {"files": {}, "problems": []}
         known: dict[str, dict[str, str]] = cursor["files"]
-        found, problems = scan_seed_location(seeds, known)
+        found, problems, held = scan_seed_location(seeds, known)
         for problem in problems:
             context.log.warning(f"skipped: {problem}")
 
         registered = set(context.instance.get_dynamic_partitions(SEED_SHARDS))
         materialised = context.instance.get_materialized_partitions(SEED_ASSET)
         todo: list[tuple[str, str]] = []  # (key, why)
-        files = {k: v for k, v in known.items() if k in found}
+        # a held key keeps its fingerprint: once the clash is resolved, unchanged content reruns nothing
+        files = {k: v for k, v in known.items() if k in found or k in held}
         for key, fingerprint in sorted(found.items()):
             if key not in known:
                 if key in registered and key in materialised:
@@ -128,7 +131,7 @@ def build_new_shard_sensor(job: dg.UnresolvedAssetJobDefinition,
         if later:
             context.log.info(f"{len(later)} more shard(s) wait for the next tick (cap "
                              f"max_shards_per_tick={settings.max_shards_per_tick})")
-        removed = sorted(set(known) - set(found))
+        removed = sorted(set(known) - set(found) - held)
         if removed:
             context.log.info(f"seed file(s) gone: {', '.join(removed)}; their partitions and data "
                              "stay until deleted by hand")

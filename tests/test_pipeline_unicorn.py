@@ -79,7 +79,8 @@ def test_two_shards_to_loadable_exports(pipeline: Pipeline):
     assert "untrained" in meta["model_note"].value and meta["statistics_version"].value == stats.version
 
     pretrain = UnicornExport(pipeline.data / "exports" / "unicorn_pretrain")
-    assert pretrain.manifest["counts"] == {"records": captions, "embeddings": captions}
+    assert pretrain.manifest["counts"] == {"records": captions, "embeddings": captions,
+                                           "duplicates_dropped": 0}
     assert pretrain.manifest["statistics_version"] == stats.version
     assert "untrained" in pretrain.manifest["note"]
     assert pretrain.manifest["models"]["caption_llm"] == ["fake:deterministic"]

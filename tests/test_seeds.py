@@ -96,14 +96,24 @@ def test_discovery_skips_unsafe_and_clashing_files_but_keeps_the_others():
     paths = ["/s/good.jsonl", "/s/my seeds.jsonl", "/s/up..dir.csv", "/s/twin.csv",
              "/s/twin.jsonl", "/s/notes.md", "/s/other.parquet"]
     shards, problems = discover_shards(paths)
-    assert shards == {"good": "/s/good.jsonl", "twin": "/s/twin.csv",
-                      "other": "/s/other.parquet"}
+    # neither twin becomes the shard: which file would win is not for the alphabet to decide
+    assert shards == {"good": "/s/good.jsonl", "other": "/s/other.parquet"}
     assert len(problems) == 3  # notes.md is not a seed file, so not a problem
     by_file = {p.split(":")[0]: p for p in problems}
     assert "Rename the file" in by_file["/s/my seeds.jsonl"]
     assert "Rename the file" in by_file["/s/up..dir.csv"]
-    assert "already taken by /s/twin.csv" in by_file["/s/twin.jsonl"]
-    assert "rename one of the two files" in by_file["/s/twin.jsonl"]
+    twins = by_file["/s/twin.csv and /s/twin.jsonl"]
+    assert "2 seed files would all be shard 'twin', so none of them is read" in twins
+    assert "Rename all but one" in twins and "twin.jsonl -> twin-jsonl.jsonl" in twins
+    assert discover_shards(["/s/twin-jsonl.jsonl", "/s/twin.csv"])[0] == {  # the fix works
+        "twin-jsonl": "/s/twin-jsonl.jsonl", "twin": "/s/twin.csv"}
+
+
+def test_three_files_of_one_key_are_all_refused_and_named():
+    shards, problems = discover_shards(["/s/x.JSONL", "/s/x.parquet", "/s/x.csv", "/s/y.csv"])
+    assert shards == {"y": "/s/y.csv"}
+    assert problems == [problems[0]] and problems[0].startswith(
+        "/s/x.JSONL, /s/x.csv and /s/x.parquet: 3 seed files would all be shard 'x'")
 
 
 # ---------------------------------------------------------------- good input
@@ -369,11 +379,14 @@ def seed_folder(tmp_path: Path) -> tuple[Path, list]:
 
 def test_bad_shards_do_not_touch_the_good_ones(tmp_path: Path, instance):
     folder, caps = seed_folder(tmp_path)
-    shards, problems = SeedSource(location=str(folder)).shards()
-    assert sorted(shards) == ["empty", "good", "mixed"]
-    assert shards["good"].endswith("good.csv")  # the first of the clashing names wins
+    source = SeedSource(location=str(folder))
+    shards, problems = source.shards()
+    assert sorted(shards) == ["empty", "mixed"]  # good.jsonl and good.csv clash: neither is read
     assert any("bad name.jsonl" in p for p in problems)
-    assert any("good.jsonl: partition key 'good' is already taken" in p for p in problems)
+    clash = f"{folder / 'good.csv'} and {folder / 'good.jsonl'}: 2 seed files would all be shard"
+    assert any(p.startswith(clash) for p in problems)
+    with pytest.raises(SeedError, match="would all be shard 'good'.*Rename all but one"):
+        source.read_shard("good")  # a run of the held shard names the clash, not a lost file
 
     (folder / "good.csv").unlink()
     data = tmp_path / "data"
@@ -401,7 +414,8 @@ def test_bad_shards_do_not_touch_the_good_ones(tmp_path: Path, instance):
     # one run, three shards: each shard's materialisation carries its own figures
     meta = {(m.asset_key.to_user_string(), m.partition): m.metadata
             for m in (e.materialization for e in result.get_asset_materialization_events())}
-    assert {k: meta["caption_seeds", k]["dagster/row_count"].value for k in shards} == \
+    assert {k: meta["caption_seeds", k]["dagster/row_count"].value
+            for k in ("empty", "good", "mixed")} == \
         {"empty": 0, "good": 4, "mixed": 2}
     assert meta["caption_seeds", "mixed"]["rejects_by_reason"].value == \
         {"bad_encoding": 1, "bad_json": 1}

@@ -1,5 +1,6 @@
 """Corpus-wide exports a VLM trainer loads: `pretrain_dataset` (brief-description caption records)
 and `instruct_dataset` (Stage 2 conversations), each pointing to its transferred embedding.
+A caption whose exact text is also in an earlier shard (sorted key order) is left out of both.
 
 Each export is built in a staging folder, verified, then swapped in whole for the previous one.
 See unicorn_assets/load_example.py for how a trainer reads it.
@@ -62,7 +63,7 @@ def distinct(frame: pl.LazyFrame, column: str) -> list[str]:
 def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager,
                  config: PretrainExportConfig | InstructExportConfig, records: pl.LazyFrame,
                  embeddings: pl.LazyFrame, stats_frame: pl.DataFrame, models: dict[str, list[str]],
-                 **extra) -> dg.MaterializeResult:
+                 duplicates_dropped: int, **extra) -> dg.MaterializeResult:
     """Stage, verify, then publish one export; a failure leaves the previous export untouched."""
     dataset = context.asset_key.to_user_string()
     stats = ModalityStatistics.from_frame(stats_frame)
@@ -72,7 +73,7 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
     try:
         written = export.write_export(staging, records, embeddings, stats, config.rows_per_file)
         files = export.file_table(staging, written.embedding_files)
-        manifest = export.manifest(dataset, written, stats, files, **extra)
+        manifest = export.manifest(dataset, written, stats, files, duplicates_dropped, **extra)
         (staging / export.MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         outcome = export.records_resolve(export.ExportFolder(LocalFileSystem(), str(staging)))
         if not outcome.passed:
@@ -84,12 +85,15 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
         shutil.rmtree(staging, ignore_errors=True)
         raise
     context.log.info(f"{written.records} records, {written.embeddings} embeddings in "
-                     f"{len(written.embedding_files)} file(s) -> {target.path}")
+                     f"{len(written.embedding_files)} file(s) -> {target.path}; "
+                     f"{duplicates_dropped} record(s) of captions already in an earlier shard "
+                     "left out")
     sample = sample.with_columns(pl.col("conversations").list.eval(
         pl.element().struct.field("from") + ": " + pl.element().struct.field("value"))
         .list.join(" / "), pl.col("embedding").struct.json_encode())
     meta = {"export_dir": dg.MetadataValue.path(target.location),
             "dagster/row_count": written.records, "embeddings": written.embeddings,
+            "duplicates_dropped": duplicates_dropped,
             "embedding_files": len(written.embedding_files),
             "statistics_version": stats.version, "git_revision": manifest["git_revision"],
             "counts": dg.MetadataValue.json(manifest["counts"]),
@@ -112,10 +116,11 @@ def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportCo
                      modality_statistics: pl.DataFrame) -> dg.MaterializeResult:
     prompts = load_lines(config.prompts)
     digest = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:12]
+    records, dropped = export.drop_duplicate_captions(
+        export.pretrain_records(expanded_captions, prompts), expanded_captions)
     return build_export(
-        context, io_manager, config, export.pretrain_records(expanded_captions, prompts),
-        transferred_embeddings, modality_statistics,
-        models={"caption_llm": distinct(expanded_captions, "model_id")},
+        context, io_manager, config, records, transferred_embeddings, modality_statistics,
+        models={"caption_llm": distinct(expanded_captions, "model_id")}, duplicates_dropped=dropped,
         prompt_versions={"captions": distinct(expanded_captions, "prompt_version"),
                          "pretrain_prompts": f"{config.prompts}@{digest}"})
 
@@ -130,10 +135,12 @@ def instruct_dataset(context: dg.AssetExecutionContext, config: InstructExportCo
                      io_manager: Storage, instructions: pl.LazyFrame,
                      expanded_captions: pl.LazyFrame, transferred_embeddings: pl.LazyFrame,
                      modality_statistics: pl.DataFrame) -> dg.MaterializeResult:
-    task_types = dict(instructions.group_by("task_type").len().collect().sort("task_type").iter_rows())
+    kept, dropped = export.drop_duplicate_captions(instructions, expanded_captions)
+    task_types = dict(kept.group_by("task_type").len().collect().sort("task_type").iter_rows())
     return build_export(
-        context, io_manager, config, export.instruct_records(instructions),
-        transferred_embeddings, modality_statistics, task_types=task_types,
+        context, io_manager, config, export.instruct_records(kept),
+        transferred_embeddings, modality_statistics, duplicates_dropped=dropped,
+        task_types=task_types,
         models={"caption_llm": distinct(expanded_captions, "model_id"),
                 "instruction_llm": distinct(instructions, "model_id")},
         prompt_versions={"captions": distinct(expanded_captions, "prompt_version"),

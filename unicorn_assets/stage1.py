@@ -24,6 +24,9 @@ from unicorn_assets.metadata import add_shard_metadata, frame_metadata
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 
+# Bumped when caption ids change (2: qualified by the shard), so the nightly run regenerates
+# shards made before; their LLM requests are unchanged, so the response cache answers them.
+CAPTION_ID_VERSION = "ids-2"
 UNTRAINED_NOTE = "stand-in model: its text is meaningless, for tests and overhead benchmarks only"
 
 
@@ -77,10 +80,11 @@ def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
     outs={
         "expanded_captions": dg.AssetOut(
             description="Detailed captions expanded from the seeds by the LLM (K per seed), "
-            "filtered and de-duplicated, with full lineage.", kinds={"polars", "parquet"}),
+            "filtered and de-duplicated, with full lineage.", kinds={"polars", "parquet"},
+            code_version=CAPTION_ID_VERSION),
         "expanded_caption_rejects": dg.AssetOut(
             description="Expanded captions the filters removed, each with its reason.",
-            kinds={"polars", "parquet"}),
+            kinds={"polars", "parquet"}, code_version=CAPTION_ID_VERSION),
     },
     partitions_def=seed_shards,
     group_name="unicorn_stage1",

@@ -13,8 +13,10 @@ from unicorn_assets.logic.seeds import (
     SeedError,
     SeedReadOptions,
     SeedReadResult,
+    claim_keys,
     discover_shards,
     read_seed_bytes,
+    same_key_problem,
 )
 from unicorn_resources.storage import S3Options, read_bytes
 
@@ -70,6 +72,9 @@ class SeedSource(dg.ConfigurableResource):
     def file_for(self, key: str) -> str:
         shards, _ = self.shards()
         if key not in shards:
+            claimed = claim_keys(self.list_files())[0].get(key, [])
+            if len(claimed) > 1:
+                raise SeedError(same_key_problem(key, claimed))
             raise SeedError(f"no seed file for shard {key!r} under {self.location}; was it "
                             "renamed or deleted? Known shards: " + ", ".join(sorted(shards)))
         return shards[key]

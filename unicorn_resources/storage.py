@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +159,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"path": dg.MetadataValue.path(uris[0]) if len(uris) == 1
                                      else dg.MetadataValue.json(uris)})
         if is_local(fs):
+            columns = {c for frame in frames.values() for c in frame.collect_schema().names()}
             self.catalog().refresh_view(name, self._glob(name, context.has_asset_partitions),
-                                        log=context.log)
+                                        columns, log=context.log)
 
     def load_input(self, context: dg.InputContext) -> pl.DataFrame | pl.LazyFrame:
         name = self._name(context.asset_key)
@@ -211,7 +212,12 @@ class Catalog:
     def __init__(self, path: str):
         self.path = path
 
-    def refresh_view(self, name: str, glob: str, log: Any = None, attempts: int = 20) -> None:
+    def refresh_view(self, name: str, glob: str, columns: Collection[str] | None = None,
+                     log: Any = None, attempts: int = 20) -> bool:
+        """(Re)create the view `name` over the files of `glob`; returns whether it did. Given the
+        `columns` of the frame just written, only when the view is missing, reads another glob or
+        has other columns: DuckDB finds the glob's files at query time, so a new file alone needs
+        nothing. The check reads the catalog only, never the Parquet files."""
         import duckdb
 
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -219,16 +225,32 @@ class Catalog:
                f"read_parquet('{glob}', union_by_name = true)")
         for attempt in range(attempts):
             try:
+                if columns is not None and self._view_matches(name, glob, set(columns)):
+                    return False
                 with duckdb.connect(self.path) as con:
                     con.execute(sql)
-                return
+                return True
             except duckdb.IOException as err:  # another process holds the catalog's write lock
                 if attempt == attempts - 1:
                     if log:
                         log.warning(f"catalog view {name!r} not refreshed ({err}); "
                                     "run `unicorn catalog` to rebuild it")
-                    return
+                    return False
                 time.sleep(0.25)
+
+    def _view_matches(self, name: str, glob: str, columns: set[str]) -> bool:
+        import duckdb
+
+        if not Path(self.path).exists():
+            return False
+        with duckdb.connect(self.path, read_only=True) as con:  # readers may share it
+            view = con.execute("select sql from duckdb_views() where view_name = ? and "
+                               "schema_name = 'main'", [name]).fetchone()
+            if view is None or f"'{glob}'" not in view[0]:
+                return False
+            found = con.execute("select column_name from duckdb_columns() where table_name = ? "
+                                "and schema_name = 'main'", [name]).fetchall()
+        return {row[0] for row in found} == columns
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

@@ -51,7 +51,11 @@ class CaptionFilters:
 
 def plan_expansions(seeds: pl.DataFrame, prompts: PromptSet, styles: Sequence[str],
                     per_seed: int, base_seed: int) -> pl.DataFrame:
-    """One row per LLM request: K distinct styles per seed, each with its own sampling seed."""
+    """One row per LLM request: K distinct styles per seed, each with its own sampling seed.
+
+    Seed ids are the user's and repeat across shards, so the caption id also hashes the shard
+    (shard keys are unique). Styles and sampling seeds follow the seed id alone: the same seed
+    line in two shards sends the same request (a cache hit; the export keeps one copy)."""
     unknown = [s for s in styles if s not in prompts.styles]
     if unknown:
         raise ValueError(f"styles {unknown} are not in prompt {prompts.ref}; known: "
@@ -64,7 +68,7 @@ def plan_expansions(seeds: pl.DataFrame, prompts: PromptSet, styles: Sequence[st
         for k in range(per_seed):
             style = styles[(start + k) % len(styles)]
             rows.append({
-                "caption_id": stable_id(seed_id, prompts.ref, k),
+                "caption_id": stable_id(shard, seed_id, prompts.ref, k),
                 "seed_id": seed_id, "shard": shard, "seed_caption": caption, "style": style,
                 "expansion_index": k, "sampling_seed": stable_int(base_seed, seed_id, k),
             })

@@ -2,7 +2,8 @@
 embedding in safetensors shards, an index record id -> (file, row), and manifest.json.
 
 Layout of one export folder:
-    manifest.json                    counts, models, versions, sha256 and size of every file
+    manifest.json                    counts (records, embeddings, duplicates_dropped), models,
+                                     versions, sha256 and size of every file
     records.jsonl                    {"id", "caption_id", ..., "conversations", "embedding": {"file", "row"}}
     index.parquet                    id, file, row (random access by id)
     embeddings/embeddings-00000.safetensors   tensor "embeddings": float32 (rows, dim)
@@ -61,6 +62,30 @@ def pretrain_records(captions: pl.LazyFrame, prompts: Sequence[str]) -> pl.LazyF
 
 def instruct_records(instructions: pl.LazyFrame) -> pl.LazyFrame:
     return instructions.select("id", "caption_id", "task_type", "conversations")
+
+
+def duplicate_caption_ids(captions: pl.LazyFrame) -> pl.Series:
+    """The caption_id of every caption whose exact text comes earlier in (shard, caption_id)
+    order: of the same caption in several shards, the first shard in sorted key order keeps it.
+    Streams: only the captions whose text hash repeats (few) are ever collected."""
+    text_hash = pl.col("caption").hash()
+    repeated = (captions.group_by(text_hash.alias("text_hash")).len()
+                .filter(pl.col("len") > 1).collect()["text_hash"])
+    candidates = (captions.filter(text_hash.is_in(repeated.implode()))
+                  .select("caption_id", "shard", "caption").collect())
+    return (candidates.sort("shard", "caption_id")
+            .filter(~pl.col("caption").is_first_distinct())["caption_id"])
+
+
+def drop_duplicate_captions(records: pl.LazyFrame, captions: pl.LazyFrame
+                            ) -> tuple[pl.LazyFrame, int]:
+    """`records` without those of duplicate captions (see duplicate_caption_ids), and how many
+    records that leaves out."""
+    dropped = duplicate_caption_ids(captions)
+    if dropped.is_empty():
+        return records, 0
+    duplicate = pl.col("caption_id").is_in(dropped.implode())
+    return records.filter(~duplicate), records.filter(duplicate).select(pl.len()).collect().item()
 
 
 class _ShardWriter:
@@ -158,12 +183,14 @@ def file_table(folder: Path, rows: dict[str, int]) -> dict[str, dict[str, Any]]:
 
 
 def manifest(dataset: str, written: WrittenExport, stats: ModalityStatistics,
-             files: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+             files: dict[str, dict[str, Any]], duplicates_dropped: int = 0,
+             **extra: Any) -> dict[str, Any]:
     out = {
         "format": EXPORT_FORMAT, "dataset": dataset,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
-        "counts": {"records": written.records, "embeddings": written.embeddings},
+        "counts": {"records": written.records, "embeddings": written.embeddings,
+                   "duplicates_dropped": duplicates_dropped},
         "records_file": RECORDS, "index_file": INDEX, "statistics_file": STATISTICS,
         "embedding": {"dim": stats.dim, "dtype": "float32", "tensor": TENSOR,
                       "model_id": stats.model_id, "pretrained": stats.pretrained},

@@ -101,30 +101,42 @@ def _suggest_key(stem: str) -> str:
     return (cleaned.strip(".-_") or "shard")[:128]
 
 
-def discover_shards(paths: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Map partition key -> file for the seed files among `paths`.
-
-    Returns (shards, problems): a file whose name gives no safe key, or whose key another file
-    already took, is left out and described in `problems` rather than stopping the others.
-    """
-    shards: dict[str, str] = {}
+def claim_keys(paths: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """{partition key: the seed files among `paths` whose names give it}, and a problem for each
+    seed file whose name gives no safe key. Files that are not seed files are ignored."""
+    claims: dict[str, list[str]] = {}
     problems: list[str] = []
     for path in sorted(paths):
         if not path.lower().endswith(SEED_EXTENSIONS):
             continue
         try:
-            key = shard_key_for(path)
+            claims.setdefault(shard_key_for(path), []).append(path)
         except SeedError as err:
             problems.append(str(err))
-            continue
-        if key in shards:
-            problems.append(
-                f"{path}: partition key {key!r} is already taken by {shards[key]}; "
-                "rename one of the two files so that their names differ before the extension."
-            )
-            continue
-        shards[key] = path
-    return shards, problems
+    return claims, problems
+
+
+def same_key_problem(key: str, paths: list[str]) -> str:
+    name = PurePosixPath(paths[1]).name
+    stem, ext = name[: len(key)], name[len(key):]
+    rename = f"{stem}-{ext.lstrip('.').lower()}{ext}"
+    listed = ", ".join(paths[:-1]) + " and " + paths[-1]
+    return (f"{listed}: {len(paths)} seed files would all be shard {key!r}, so none "
+            f"of them is read (shard {key!r}, if registered, keeps its partition and data). "
+            f"Rename all but one so that their names differ before the extension, e.g. {name} "
+            f"-> {rename}.")
+
+
+def discover_shards(paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Map partition key -> file for the seed files among `paths`.
+
+    Returns (shards, problems): a file whose name gives no safe key is left out, and so are all
+    the files whose names give the same key; each is described in `problems` rather than
+    stopping the others.
+    """
+    claims, problems = claim_keys(paths)
+    problems += [same_key_problem(k, files) for k, files in claims.items() if len(files) > 1]
+    return {k: files[0] for k, files in claims.items() if len(files) == 1}, problems
 
 
 class _Collector:
