@@ -251,7 +251,11 @@ def test_the_grpc_code_server_serves_the_sensor_schedule_and_jobs(instance, tmp_
             assert {r.partition_key for r in data.run_requests} == bundled
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine can outlast the graceful shutdown
+            server.kill()
+            server.wait()
 
 
 # --- conventions over every asset ----------------------------------------------------------------
