@@ -3,7 +3,9 @@ captions in ../shared/data, and resource sets for the pipeline."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,14 @@ from dagster_project.profiles import build_resources
 from unicorn_resources.llm import FakeLLM, LLMResource
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """On a native crash, dump only the crashing thread's stack: CI shows the end of the output,
+    and a dump of every idle thread pushed the one that mattered out of it."""
+    faulthandler.enable(file=os.fdopen(os.dup(2), "w"), all_threads=False)
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 COCO_CAPTIONS = SHARED_DATA / "coco_val2017_captions_dev.jsonl"
 COCO_PAIRS = SHARED_DATA / "coco_mini_val2017" / "pairs.jsonl"

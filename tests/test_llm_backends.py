@@ -1,6 +1,9 @@
 """The llama_cpp and transformers backends against the real offline SmolLM2-135M GGUF file, at tiny
 token budgets (slow: a real model on the CPU)."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,19 @@ def llama(tmp_path_factory):
     llm = LlamaCppLLM(cache_enabled=False, n_ctx=512, n_threads=2)
     yield llm
     llm.teardown_after_execution(None)
+
+
+def test_llama_cpp_and_torch_share_torchs_openmp_runtime():
+    """A fresh process that loads the llama.cpp backend maps one libgomp, the one torch ships."""
+    code = ("import json; from unicorn_resources.llm import LlamaCppLLM; "
+            "LlamaCppLLM(n_ctx=256, cache_enabled=False)._load(); import torch; "
+            "print(json.dumps(sorted({line.split()[-1] for line in open('/proc/self/maps') "
+            "if 'libgomp' in line})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(loaded) == 1 and "/torch/lib/" in loaded[0], loaded
 
 
 def test_llama_cpp_generates_within_the_token_budget(llama):

@@ -310,9 +310,9 @@ def llama_server(tmp: Path, api_key: str | None = None) -> Iterator[LlamaServer]
         server.kill()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_llama_server(tmp_path_factory) -> Iterator[LlamaServer]:
-    """One real server for the session; it demands SERVER_KEY."""
+    """One real server for this module's tests; it demands SERVER_KEY."""
     with llama_server(tmp_path_factory.mktemp("llama"), SERVER_KEY) as server:
         yield server
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,14 @@ from unicorn_resources.llm.base import (
     SamplingParams,
     default_gguf_path,
 )
+
+
+def load_torch_openmp_first() -> None:
+    """llama.cpp and torch both use OpenMP under the soname libgomp.so.1, and a process keeps the
+    first one loaded. Where torch is installed it is loaded first, so that both run on the runtime
+    torch ships and is tested with rather than torch on the system's."""
+    if find_spec("torch") is not None:
+        import torch  # noqa: F401
 
 
 class LlamaCppLLM(LLMResource):
@@ -50,6 +59,7 @@ class LlamaCppLLM(LLMResource):
 
     def _load(self) -> Any:
         if self._llm is None:
+            load_torch_openmp_first()
             from llama_cpp import Llama
 
             self._llm = Llama(model_path=self.resolved_path, n_ctx=self.n_ctx,
