@@ -15,6 +15,7 @@ import dagster as dg
 import yaml
 from dagster_shared.record import replace
 
+from unicorn_assets.stage2 import InstructionDefaults
 from unicorn_resources.clip import ClipResource, OpenClipResource
 from unicorn_resources.diffusion import DiffusionResource, SdxlResource
 from unicorn_resources.llm import (
@@ -160,4 +161,13 @@ def build_resources(profile: dict[str, Any]) -> dict[str, Any]:
         "clip": build_clip(profile.get("clip") or {}),
         "diffusion": build_diffusion(profile.get("diffusion") or {}),
         "quality_gates": QualityGates(**(profile.get("quality_gates") or {})),
+        "stage2": build_stage2(profile.get("stage2") or {}),
     }
+
+
+def build_stage2(section: dict[str, Any]) -> InstructionDefaults:
+    unknown = sorted(set(section) - set(InstructionDefaults.model_fields))
+    if unknown:
+        raise ProfileError(f"stage2 has unknown setting(s) {unknown}; known: "
+                           f"{sorted(InstructionDefaults.model_fields)}")
+    return InstructionDefaults(**section)

@@ -49,8 +49,8 @@ def recipe_version(asset: dg.AssetsDefinition, resources: Mapping[str, Any],
                    op_config: Mapping[str, Any] | None = None) -> str:
     """A digest of what an asset's output depends on besides its inputs: its run config (the
     defaults, overridden by the profile's run_config: prompt version, sampling, filters), the
-    prompt template's text, and the model of every resource it uses that has one (`model_id`:
-    LLM, CLIP, SDXL)."""
+    prompt template's text, the model of every resource it uses that has one (`model_id`:
+    LLM, CLIP, SDXL), and the settings held in a resource (`recipe`: Stage 2's)."""
     field = asset.op.config_field
     config = field.default_value if field is not None and field.default_provided else {}
     if isinstance(config, dict):
@@ -60,6 +60,10 @@ def recipe_version(asset: dg.AssetsDefinition, resources: Mapping[str, Any],
         recipe["prompt_digest"] = load_prompt_set(config["prompt"], config["prompt_version"]).digest
     recipe["models"] = {key: _model_id(resources[key]) for key in sorted(asset.required_resource_keys)
                         if hasattr(type(resources.get(key)), "model_id")}
+    settings = {key: resources[key].recipe for key in sorted(asset.required_resource_keys)
+                if hasattr(type(resources.get(key)), "recipe")}
+    if settings:  # resources that hold an asset's settings (Stage 2's `stage2`)
+        recipe["settings"] = settings
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -39,7 +39,7 @@ from unicorn_assets.logic.instructions import (
     task_counts,
     well_formed,
 )
-from unicorn_assets.stage2 import PAPER_MIX, InstructionConfig, stage2_checks
+from unicorn_assets.stage2 import PAPER_MIX, InstructionConfig, InstructionDefaults, stage2_checks
 from unicorn_resources.llm import ChatRequest, FakeLLM, SamplingParams
 from unicorn_resources.llm.types import Completion
 from unicorn_resources.quality import QualityGates
@@ -137,12 +137,18 @@ def test_plan_caps_captions_per_shard_and_keeps_lineage():
     assert plan_instructions(frame, settings()).equals(plan_instructions(frame, settings()))
 
 
-def test_config_defaults_follow_the_paper():
-    config = InstructionConfig()
-    assert (config.qa_pairs_min, config.qa_pairs_max) == (6, 8)
-    assert config.task_mix == PAPER_MIX and config.max_captions_per_shard is None
-    assert config.settings().turns["multi_turn"] == (2, 3)
-    assert config.sampling().max_tokens == 8 * config.max_tokens_per_turn
+def test_stage2_defaults_follow_the_paper_and_a_run_config_overrides_what_it_sets():
+    defaults = InstructionDefaults()
+    assert (defaults.qa_pairs_min, defaults.qa_pairs_max) == (6, 8)
+    assert defaults.task_mix == PAPER_MIX
+    assert defaults.settings().max_captions_per_shard is None  # 0: every caption
+    assert defaults.settings().turns["multi_turn"] == (2, 3)
+    assert defaults.sampling().max_tokens == 8 * defaults.max_tokens_per_turn
+    assert set(InstructionConfig().model_dump().values()) == {None}
+    assert set(InstructionConfig.model_fields) == set(InstructionDefaults.model_fields)
+    chosen = defaults.overridden_by(InstructionConfig(qa_pairs_max=7, temperature=0.0))
+    assert (chosen.qa_pairs_min, chosen.qa_pairs_max, chosen.temperature) == (6, 7, 0.0)
+    assert chosen.sampling().max_tokens == 7 * defaults.max_tokens_per_turn
 
 
 def test_every_task_has_a_versioned_prompt_that_takes_the_caption_and_turns():

@@ -21,6 +21,7 @@ from dagster_project.staleness import (
 )
 from unicorn_assets.seeds import read_caption_seeds
 from unicorn_assets.stage1 import expand_captions
+from unicorn_assets.stage2 import make_instructions
 from unicorn_resources.llm import FakeLLM
 
 SEEDS = {dg.AssetKey("caption_seeds"), dg.AssetKey("caption_seed_rejects")}
@@ -208,3 +209,16 @@ def test_the_profile_run_config_goes_into_the_version_and_the_runs(instance, see
     captions = pl.read_parquet(tmp_path / "data" / "expanded_captions" / "shard-a.parquet")
     seeds = pl.read_parquet(tmp_path / "data" / "caption_seeds" / "shard-a.parquet")
     assert 0 < captions.height <= seeds.height  # one expansion per seed, before filtering
+
+
+def test_the_profiles_stage2_settings_go_into_the_instructions_version(tmp_path, seed_dir):
+    def versions(stage2: dict) -> dict[str, str]:
+        resources = make_resources(tmp_path / "data", seed_dir, llm=FakeLLM(), stage2=stage2)
+        assets = with_recipe_versions([expand_captions, make_instructions], resources)
+        return {key.to_user_string(): spec.code_version
+                for asset in assets for key, spec in asset.specs_by_key.items()}
+
+    paper, demo = versions({}), versions({"qa_pairs_min": 2, "qa_pairs_max": 2})
+    assert paper["instructions"] != demo["instructions"]
+    assert paper["expanded_captions"] == demo["expanded_captions"]
+    assert versions({"qa_pairs_min": 2, "qa_pairs_max": 2}) == demo

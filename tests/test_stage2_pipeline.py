@@ -18,7 +18,7 @@ from pydantic import PrivateAttr
 
 from dagster_project.jobs import unicorn_shard_job
 from dagster_project.partitions import SEED_SHARDS
-from dagster_project.profiles import ProfileError, load_profile, with_run_config
+from dagster_project.profiles import ProfileError, build_stage2, load_profile, with_run_config
 from unicorn_assets.logic.instructions import (
     CONVERSATION,
     TASK_TYPES,
@@ -57,12 +57,13 @@ class FlakyLLM(FakeLLM):
         return out
 
 
-def definitions(data: Path, seeds: Path, llm=None, run_config: dict | None = None
+def definitions(data: Path, seeds: Path, llm=None, stage2: dict | None = None
                 ) -> dg.Definitions:
-    job = with_run_config([unicorn_shard_job], {"run_config": run_config or {}})
+    """Stage 0-2 with the job; `stage2`: the profile's stage2 section (none: the paper's)."""
+    resources = make_resources(data, seeds, llm=llm, **({"stage2": stage2} if stage2 else {}))
     return dg.Definitions(assets=[read_caption_seeds, expand_captions, make_instructions],
                           asset_checks=[*seed_checks, *stage1_checks, *stage2_checks],
-                          jobs=job, resources=make_resources(data, seeds, llm=llm))
+                          jobs=[unicorn_shard_job], resources=resources)
 
 
 def failed_checks(result: dg.ExecuteInProcessResult) -> list[str]:
@@ -83,23 +84,24 @@ def materialization(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     return {k: getattr(v, "value", v) for k, v in events[0].materialization.metadata.items()}
 
 
-def local_run_config() -> dict:
-    return load_profile("local")["run_config"]
+def local_stage2() -> dict:
+    return load_profile("local")["stage2"]
 
 
 def test_two_shards_in_one_run_with_the_local_profile_settings(instance, tmp_path, seed_dir):
-    """A backfill run over a shard range (BackfillPolicy) with the demo settings."""
+    """A backfill run over a shard range (BackfillPolicy): no run config, as a backfill launched
+    from the UI has none; the demo settings come from the profile's stage2 section."""
     data = tmp_path / "data"
-    defs = definitions(data, seed_dir)
+    defs = definitions(data, seed_dir, stage2=local_stage2())
     instance.add_dynamic_partitions(SEED_SHARDS, SHARDS)
     result = defs.resolve_job_def("unicorn_shard_job").execute_in_process(
-        instance=instance, run_config=local_run_config()["unicorn_shard_job"],
+        instance=instance,
         tags={ASSET_PARTITION_RANGE_START_TAG: SHARDS[0], ASSET_PARTITION_RANGE_END_TAG: SHARDS[1]})
     assert result.success
     assert failed_checks(result) == []
     assert STAGE2_CHECKS <= checks_run(result)
 
-    demo = local_run_config()["unicorn_shard_job"]["ops"]["make_instructions"]["config"]
+    demo = local_stage2()
     per_shard = {e.materialization.partition: {k: getattr(v, "value", v) for k, v in
                                                e.materialization.metadata.items()}
                  for e in result.get_asset_materialization_events()
@@ -146,18 +148,43 @@ def test_two_shards_in_one_run_with_the_local_profile_settings(instance, tmp_pat
     assert first["sampling_seed"] == attempt_seed(4321, first["caption_id"], 0)
 
 
-def test_the_profiles_run_config_is_the_jobs_default_for_a_shard_run(instance, tmp_path, seed_dir):
-    """What `unicorn demo`, the launchpad and the new-shard sensor run: one shard, no config."""
+def test_materialize_without_config_uses_the_profiles_stage2_settings(instance, tmp_path,
+                                                                    seed_dir):
+    """Materialize in the UI, a backfill, the sensor: the asset alone, one shard, no config."""
     data = tmp_path / "data"
-    defs = definitions(data, seed_dir, run_config=local_run_config())
+    defs = definitions(data, seed_dir, stage2=local_stage2())
     instance.add_dynamic_partitions(SEED_SHARDS, SHARDS[:1])
-    result = defs.resolve_job_def("unicorn_shard_job").execute_in_process(
-        instance=instance, partition_key=SHARDS[0])
-    assert result.success and failed_checks(result) == []
+    result = dg.materialize([read_caption_seeds, expand_captions, make_instructions],
+                            resources=defs.resources, instance=instance, partition_key=SHARDS[0])
+    assert result.success
     meta = materialization(result, "instructions")
     assert meta["max_captions_per_shard"] == 3 and meta["captions_used"] == 3
     assert meta["turns"]["question_answering"] == [2, 2]
     assert meta["task_mix"] == {t: 0.25 for t in TASK_TYPES}
+    assert meta["settings"]["qa_pairs_max"] == 2 and meta["settings"]["max_attempts"] == 3
+
+
+def test_a_runs_config_overrides_the_profile_field_by_field(instance, tmp_path, seed_dir):
+    data = tmp_path / "data"
+    defs = definitions(data, seed_dir, stage2=local_stage2())
+    instance.add_dynamic_partitions(SEED_SHARDS, SHARDS[:1])
+    config = {"ops": {"make_instructions": {"config": {"qa_pairs_min": 3, "qa_pairs_max": 3,
+                                                       "max_captions_per_shard": 0}}}}
+    result = defs.resolve_job_def("unicorn_shard_job").execute_in_process(
+        instance=instance, partition_key=SHARDS[0], run_config=config)
+    assert result.success
+    meta = materialization(result, "instructions")
+    available = pl.read_parquet(data / "expanded_captions" / f"{SHARDS[0]}.parquet").height
+    assert meta["captions_used"] == available > 3  # 0: every caption, over the profile's 3
+    assert meta["turns"]["question_answering"] == [3, 3]  # the run's
+    assert meta["task_mix"] == {t: 0.25 for t in TASK_TYPES}  # the profile's, not overridden
+    records = pl.read_parquet(data / "instructions" / f"{SHARDS[0]}.parquet")
+    assert set(records.filter(pl.col("task_type") != "multi_turn")["n_turns"]) == {3}
+
+
+def test_unknown_stage2_setting_is_refused():
+    with pytest.raises(ProfileError, match="stage2 has unknown setting.*qa_pairs"):
+        build_stage2({"qa_pairs": 2})
 
 
 def test_invalid_json_is_retried_and_measured(instance, tmp_path, seed_dir):
@@ -177,7 +204,7 @@ def test_invalid_json_is_retried_and_measured(instance, tmp_path, seed_dir):
                                                   for c in records["caption_id"]]
     meta = materialization(result, "instructions")
     assert meta["json_validity_rate"] == 0.5 and meta["requests_per_attempt"] == [4, 4]
-    # the paper's defaults apply without the profile's run config: 6-8 QA pairs
+    # the paper's defaults apply without the profile's stage2 section: 6-8 QA pairs
     assert set(records["n_turns"]) <= {6, 7, 8}
     assert set(records["task_type"]) <= {"multiple_choice", "question_answering",
                                          "complex_reasoning"}

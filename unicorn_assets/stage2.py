@@ -3,10 +3,11 @@
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
+from pydantic import Field, create_model
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import (
@@ -44,7 +45,12 @@ PAPER_MIX = {"multiple_choice": 171.0, "question_answering": 199.0, "complex_rea
              "multi_turn": 0.0}
 
 
-class InstructionConfig(dg.Config):
+class InstructionDefaults(dg.ConfigurableResource):
+    """Stage 2 settings of the deployment (resource `stage2`, the profile's `stage2:` section). Every
+    run uses them, whatever launched it (job, schedule, sensor, backfill, Materialize in the UI);
+    a run's own config (`InstructionConfig`) overrides any field it sets. The defaults follow
+    Unicorn v2: 6-8 QA pairs per record, every caption, the paper's task mix."""
+
     prompt_version: str = Field("v1", description="version of prompts/stage2_<task>/")
     task_mix: dict[str, float] = Field(
         PAPER_MIX, description="weight per task type (multiple_choice, question_answering, "
@@ -53,8 +59,8 @@ class InstructionConfig(dg.Config):
     qa_pairs_max: int = Field(8, description="QA pairs per record, max")
     multi_turn_min: int = Field(2, description="turns of a multi_turn dialogue, min")
     multi_turn_max: int = Field(3, description="turns of a multi_turn dialogue, max")
-    max_captions_per_shard: int | None = Field(
-        None, description="use only the first N captions of each shard (demo budgets); null: all")
+    max_captions_per_shard: int = Field(
+        0, description="use only the first N captions of each shard (demo budgets); 0: all")
     max_attempts: int = Field(3, description="attempts per record; each retry has a new seed")
     temperature: float = 0.7
     top_p: float = 0.95
@@ -65,6 +71,16 @@ class InstructionConfig(dg.Config):
         0.9, description="an answer whose word set overlaps the question's this much (Jaccard) "
         "restates it")
 
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The values, for the staleness digest: a changed setting marks Stage 2 stale."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def overridden_by(self, config: "InstructionConfig") -> "InstructionDefaults":
+        """These settings, with every field that the run's config sets (non-null) replaced."""
+        overrides = {k: v for k, v in config.model_dump().items() if v is not None}
+        return InstructionDefaults(**{**self.recipe, **overrides})
+
     def settings(self) -> InstructionSettings:
         pairs, dialogue = (self.qa_pairs_min, self.qa_pairs_max), (self.multi_turn_min,
                                                                    self.multi_turn_max)
@@ -74,7 +90,7 @@ class InstructionConfig(dg.Config):
                    "complex_reasoning": pairs, "multi_turn": dialogue},
             base_seed=self.sampling_seed, max_attempts=self.max_attempts,
             restate_threshold=self.restate_threshold,
-            max_captions_per_shard=self.max_captions_per_shard,
+            max_captions_per_shard=self.max_captions_per_shard or None,
         )
 
     def sampling(self) -> SamplingParams:
@@ -82,6 +98,17 @@ class InstructionConfig(dg.Config):
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
                               max_tokens=self.max_tokens_per_turn * turns,
                               repeat_penalty=self.repeat_penalty)
+
+
+# The run config: every field of InstructionDefaults, optional; null keeps the deployment's value.
+InstructionConfig = create_model(
+    "InstructionConfig", __base__=dg.Config,
+    __doc__="Overrides of the deployment's Stage 2 settings (resource `stage2`) for this run; "
+            "a null field keeps the deployment's value.",
+    **{name: (field.annotation | None, Field(None, description=(
+        f"{field.description or name.replace('_', ' ')}. null: the deployment's value "
+        f"(resource stage2; default {field.default!r})")))
+       for name, field in InstructionDefaults.model_fields.items()})
 
 
 def conversation_markdown(conversation: list[dict[str, str]]) -> str:
@@ -106,10 +133,11 @@ def conversation_markdown(conversation: list[dict[str, str]]) -> str:
     retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
 )
 def make_instructions(context: dg.AssetExecutionContext, config: InstructionConfig,
-                                llm: LLMResource, expanded_captions: pl.DataFrame
-                                ) -> Iterator[dg.Output]:
-    settings, params = config.settings(), config.sampling()
-    prompts = load_prompts(config.prompt_version)
+                      stage2: InstructionDefaults, llm: LLMResource,
+                      expanded_captions: pl.DataFrame) -> Iterator[dg.Output]:
+    chosen = stage2.overridden_by(config)
+    settings, params = chosen.settings(), chosen.sampling()
+    prompts = load_prompts(chosen.prompt_version)
     plan = plan_instructions(expanded_captions, settings)
     structured = llm.supports_json_schema
     started = time.perf_counter()
@@ -146,7 +174,8 @@ def make_instructions(context: dg.AssetExecutionContext, config: InstructionConf
         "structured_output": "json_schema" if structured else "prompt_only",
         "task_mix": dg.MetadataValue.json(settings.shares()),
         "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
-        "max_captions_per_shard": config.max_captions_per_shard,
+        "max_captions_per_shard": chosen.max_captions_per_shard or "all",
+        "settings": dg.MetadataValue.json(chosen.recipe),
         "prompt_versions": dg.MetadataValue.json(sorted({p.ref for p in prompts.values()})),
         **llm_metadata(llm, generation.completions, seconds)})
     yield dg.Output(rejects, "instruction_rejects", metadata=run)
