@@ -159,6 +159,36 @@ def test_export_is_llava_with_resolvable_images_and_checksums(branch):
         victim.write_bytes(original)
 
 
+def test_a_caption_selected_twice_is_exported_once(branch):
+    """Two selected images whose captions read the same (e.g. one seed line in two shards): the
+    export keeps the first in (shard, caption_id) order and counts the other. Runs before the
+    re-rendering test below, which replaces shard-a's images."""
+    path = branch["data"] / "synthvlm_selection.parquet"
+    original = pl.read_parquet(path)
+    first, second = original.filter("selected").sort("shard", "caption_id").head(2).iter_rows(
+        named=True)
+    try:
+        original.with_columns(pl.when(pl.col("caption_id") == second["caption_id"])
+                              .then(pl.lit(first["caption"])).otherwise("caption")
+                              .alias("caption")).write_parquet(path)
+        result = dg.materialize(ASSETS + synthvlm_assets, selection=[dg.AssetKey("synthvlm_dataset")],
+                                resources=branch["defs"].resources, instance=branch["instance"])
+        assert result.success
+        root = branch["data"] / "exports" / "synthvlm"
+        manifest = json.loads((root / "manifest.json").read_text())
+        records = json.loads((root / "pretrain.json").read_text())
+        assert manifest["counts"]["duplicates_dropped"] == 1
+        assert len(records) == original["selected"].sum() - 1
+        captions = [r["conversations"][1]["value"] for r in records]
+        assert captions.count(first["caption"]) == 1
+        assert second["image_id"] not in {r["id"] for r in records}
+        assert first["image_id"] in {r["id"] for r in records}
+    finally:
+        original.write_parquet(path)
+        dg.materialize(ASSETS + synthvlm_assets, selection=[dg.AssetKey("synthvlm_dataset")],
+                       resources=branch["defs"].resources, instance=branch["instance"])
+
+
 def test_rerendering_is_deterministic_and_removes_orphans(branch):
     data: Path = branch["data"]
     folder = data / "synthetic_images" / "shard-a"
@@ -271,3 +301,4 @@ def test_image_files_on_s3_are_replaced_and_orphans_removed(tmp_path: Path):
         assert verify_image_files(frame.head(1), file_reader(io)).passed
     finally:
         server.stop()
+

@@ -21,6 +21,7 @@ from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import images as img
 from unicorn_assets.logic import synthvlm as logic
+from unicorn_assets.logic.export import drop_duplicate_captions
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_assets.logic.quality import Outcome
 from unicorn_assets.logic.text import excerpt, stable_int
@@ -393,7 +394,9 @@ def export_root(io_manager: ParquetIOManager, export_dir: str) -> str:
 def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
                      io_manager: Storage, synthvlm_selection: pl.DataFrame) -> dg.Output:
     root = export_root(io_manager, config.export_dir)
-    chosen = synthvlm_selection.filter("selected").sort("image_id")
+    selected = synthvlm_selection.filter("selected").lazy()
+    kept, duplicates = drop_duplicate_captions(selected, selected)  # first (shard, id) keeps it
+    chosen = kept.collect().sort("image_id")
     read = file_reader(io_manager)
     files: dict[str, bytes] = {}
     paths = {}
@@ -415,6 +418,7 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "counts": {"records": len(records), "images": len(paths),
                    "scored_images": synthvlm_selection.height,
+                   "duplicates_dropped": duplicates,
                    "captions": int(synthvlm_selection["best_of_n"].sum()),
                    "by_shard": dict(sorted(chosen.group_by("shard").len().iter_rows()))},
         "selection": {"score": "clipscore + lambda * ssim",
