@@ -12,10 +12,14 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from benchmarks.common import COCO_CAPTIONS
+from benchmarks.common import coco_captions as read_coco_captions
 from dagster_project.profiles import build_resources
 from unicorn_resources.llm import FakeLLM, LLMResource
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COCO_PAIRS = SHARED_DATA / "coco_mini_val2017" / "pairs.jsonl"
 
 
 @pytest.hookimpl(trylast=True)
@@ -24,26 +28,12 @@ def pytest_configure(config: pytest.Config) -> None:
     and a dump of every idle thread pushed the one that mattered out of it."""
     faulthandler.enable(file=os.fdopen(os.dup(2), "w"), all_threads=False)
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
-COCO_CAPTIONS = SHARED_DATA / "coco_val2017_captions_dev.jsonl"
-COCO_PAIRS = SHARED_DATA / "coco_mini_val2017" / "pairs.jsonl"
-
 
 def coco_captions(n: int, offset: int = 0, one_per_image: bool = True) -> list[dict[str, Any]]:
-    """Real COCO captions (CC BY 4.0) from ../shared/data."""
+    """Real COCO captions (CC BY 4.0) from ../shared/data, one per image unless told otherwise."""
     if not COCO_CAPTIONS.exists():
         pytest.fail(f"{COCO_CAPTIONS} is missing: the tests read real captions from ../shared/data")
-    rows, seen = [], set()
-    with COCO_CAPTIONS.open() as handle:
-        for line in handle:
-            rec = json.loads(line)
-            if one_per_image and rec["image_id"] in seen:
-                continue
-            seen.add(rec["image_id"])
-            rows.append(rec)
-            if len(rows) >= n + offset:
-                break
-    return rows[offset:]
+    return read_coco_captions(n, offset, one_per_image)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
