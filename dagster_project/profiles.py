@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 import yaml
 from dagster_shared.record import replace
+from pydantic import ValidationError
 
 from unicorn_assets.stage2 import InstructionDefaults
 from unicorn_resources.clip import ClipResource, OpenClipResource
@@ -161,13 +162,20 @@ def build_resources(profile: dict[str, Any]) -> dict[str, Any]:
         "clip": build_clip(profile.get("clip") or {}),
         "diffusion": build_diffusion(profile.get("diffusion") or {}),
         "quality_gates": QualityGates(**(profile.get("quality_gates") or {})),
-        "stage2": build_stage2(profile.get("stage2") or {}),
+        "stage2": build_stage2(profile.get("stage2") or {}, profile.get("_path", "the profile")),
     }
 
 
-def build_stage2(section: dict[str, Any]) -> InstructionDefaults:
+def build_stage2(section: dict[str, Any], path: str = "the profile") -> InstructionDefaults:
+    """The `stage2:` section of the profile file at `path` as the `stage2` resource."""
     unknown = sorted(set(section) - set(InstructionDefaults.model_fields))
     if unknown:
-        raise ProfileError(f"stage2 has unknown setting(s) {unknown}; known: "
-                           f"{sorted(InstructionDefaults.model_fields)}")
-    return InstructionDefaults(**section)
+        raise ProfileError(f"{path}: stage2 has unknown setting(s) {unknown}; fix the name, or "
+                           f"remove it. Known: {sorted(InstructionDefaults.model_fields)}")
+    try:
+        return InstructionDefaults(**section)
+    except ValidationError as err:
+        problems = "; ".join(f"stage2.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in err.errors())
+        raise ProfileError(f"{path}: {problems}. Fix the value, or remove it to take the "
+                           "paper's default.") from None

@@ -182,9 +182,11 @@ def test_a_runs_config_overrides_the_profile_field_by_field(instance, tmp_path, 
     assert set(records.filter(pl.col("task_type") != "multi_turn")["n_turns"]) == {3}
 
 
-def test_unknown_stage2_setting_is_refused():
-    with pytest.raises(ProfileError, match="stage2 has unknown setting.*qa_pairs"):
-        build_stage2({"qa_pairs": 2})
+def test_bad_stage2_settings_are_refused_naming_the_file_and_the_fix():
+    with pytest.raises(ProfileError, match=r"my\.yaml: stage2 has unknown setting.*qa_pairs.*fix"):
+        build_stage2({"qa_pairs": 2}, "my.yaml")
+    with pytest.raises(ProfileError, match=r"my\.yaml: stage2\.qa_pairs_min: .*integer.*Fix"):
+        build_stage2({"qa_pairs_min": "two"}, "my.yaml")
 
 
 def test_invalid_json_is_retried_and_measured(instance, tmp_path, seed_dir):
