@@ -13,7 +13,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dagster_project.partitions import SEED_SHARDS, SHARD_BACKFILL
 from dagster_project.staleness import find_stale, run_requests
@@ -30,8 +30,9 @@ class _Settings(BaseModel):
 
 class SensorSettings(_Settings):
     running: bool = False  # on when the code location loads; else switch it on in the UI
-    minimum_interval_seconds: int = 30
-    max_shards_per_tick: int = 16  # new or changed shards requested per tick; the rest wait
+    minimum_interval_seconds: int = Field(30, ge=1, le=86400)
+    # new or changed shards requested per tick; the rest wait
+    max_shards_per_tick: int = Field(16, ge=1, le=10000)
 
 
 class NightlySettings(_Settings):

@@ -3,11 +3,11 @@
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import dagster as dg
 import polars as pl
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import (
@@ -55,21 +55,37 @@ class InstructionDefaults(dg.ConfigurableResource):
     task_mix: dict[str, float] = Field(
         PAPER_MIX, description="weight per task type (multiple_choice, question_answering, "
         "complex_reasoning, multi_turn); each caption draws one, seeded by its id")
-    qa_pairs_min: int = Field(6, description="QA pairs per record, min (paper: 6-8)")
-    qa_pairs_max: int = Field(8, description="QA pairs per record, max")
-    multi_turn_min: int = Field(2, description="turns of a multi_turn dialogue, min")
-    multi_turn_max: int = Field(3, description="turns of a multi_turn dialogue, max")
+    qa_pairs_min: int = Field(6, ge=1, le=50, description="QA pairs per record, min (paper: 6-8)")
+    qa_pairs_max: int = Field(8, ge=1, le=50, description="QA pairs per record, max")
+    multi_turn_min: int = Field(2, ge=1, le=50, description="turns of a multi_turn dialogue, min")
+    multi_turn_max: int = Field(3, ge=1, le=50, description="turns of a multi_turn dialogue, max")
     max_captions_per_shard: int = Field(
-        0, description="use only the first N captions of each shard (demo budgets); 0: all")
-    max_attempts: int = Field(3, description="attempts per record; each retry has a new seed")
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens_per_turn: int = Field(160, description="token budget = this x the most turns")
-    repeat_penalty: float = 1.1
-    sampling_seed: int = 4321
+        0, ge=0, description="use only the first N captions of each shard (demo budgets); 0: all")
+    max_attempts: int = Field(3, ge=1, le=100,
+                              description="attempts per record; each retry has a new seed")
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens_per_turn: int = Field(160, ge=1, le=32768,
+                                     description="token budget = this x the most turns")
+    repeat_penalty: float = Field(1.1, gt=0, le=10)
+    sampling_seed: int = Field(4321, ge=0)
     restate_threshold: float = Field(
-        0.9, description="an answer whose word set overlaps the question's this much (Jaccard) "
-        "restates it")
+        0.9, ge=0, le=1, description="an answer whose word set overlaps the question's this much "
+        "(Jaccard) restates it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InstructionDefaults":
+        """min <= max turns, known task types, weights >= 0 with a positive sum."""
+        try:
+            for low, high in (("qa_pairs_min", "qa_pairs_max"),
+                              ("multi_turn_min", "multi_turn_max")):
+                if getattr(self, low) > getattr(self, high):
+                    raise ValueError(f"{low} ({getattr(self, low)}) is above {high} "
+                                     f"({getattr(self, high)}); raise {high} or lower {low}")
+            self.settings()
+        except TypeError:  # a value still to be resolved at run time (EnvVar)
+            pass
+        return self
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -105,7 +121,8 @@ InstructionConfig = create_model(
     "InstructionConfig", __base__=dg.Config,
     __doc__="Overrides of the deployment's Stage 2 settings (resource `stage2`) for this run; "
             "a null field keeps the deployment's value.",
-    **{name: (field.annotation | None, Field(None, description=(
+    **{name: ((Annotated[(field.annotation, *field.metadata)] if field.metadata
+               else field.annotation) | None, Field(None, description=(
         f"{field.description or name.replace('_', ' ')}. null: the deployment's value "
         f"(resource stage2; default {field.default!r})")))
        for name, field in InstructionDefaults.model_fields.items()})

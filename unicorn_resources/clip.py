@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import dagster as dg
 import numpy as np
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from unicorn_resources.batching import OomBatcher
 
@@ -80,8 +80,8 @@ class OpenClipResource(ClipResource):
     model_config_path: str | None = None  # extra model-config JSON file or folder to register
     device: str = "auto"  # auto: cuda when present
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on cuda, fp32 on cpu
-    batch_size: int = 256
-    init_seed: int = 0  # seed of the random weights when pretrained is None
+    batch_size: int = Field(256, ge=1, le=65536)
+    init_seed: int = Field(0, ge=0)  # seed of the random weights when pretrained is None
     cache_dir: str | None = None  # where pretrained weights were fetched to beforehand
 
     _model: Any = PrivateAttr(default=None)

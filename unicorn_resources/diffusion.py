@@ -14,7 +14,7 @@ from typing import Any
 
 import dagster as dg
 from PIL import Image
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from unicorn_resources.batching import OomBatcher
 
@@ -62,16 +62,16 @@ class SdxlResource(DiffusionResource):
     vae_model_id: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix for fp16 without NaNs
     variant: str | None = None  # "fp16" loads the hub's half-precision weight files
     local_files_only: bool = False  # true on nodes that must not reach the hub
-    steps: int = 60
-    high_noise_frac: float = 0.8  # share of the steps the base runs before the refiner takes over
-    guidance_scale: float = 5.0
-    resolution: int = 1024
+    steps: int = Field(60, ge=1, le=1000)
+    high_noise_frac: float = Field(0.8, gt=0, le=1)  # share of the steps the base runs before the refiner takes over
+    guidance_scale: float = Field(5.0, ge=0, le=100)
+    resolution: int = Field(1024, ge=64, le=4096, multiple_of=8)  # SDXL: a multiple of 8
     negative_prompt: str = ""
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1, le=1024)
     device: str = "auto"  # "auto": cuda when present
     dtype: str = "auto"  # "auto": float16 on cuda, float32 on cpu
     tiny_random: bool = False
-    tiny_seed: int = 0  # weight initialisation seed of the tiny random pipeline
+    tiny_seed: int = Field(0, ge=0)  # weight initialisation seed of the tiny random pipeline
 
     _base: Any = PrivateAttr(default=None)
     _refiner: Any = PrivateAttr(default=None)

@@ -4,24 +4,35 @@ stricter values meant for real models."""
 from __future__ import annotations
 
 import dagster as dg
+from pydantic import Field, model_validator
 
 
 class QualityGates(dg.ConfigurableResource):
-    max_null_rate: float = 0.0
-    seed_max_reject_rate: float = 0.25
-    caption_max_reject_rate: float = 0.9
-    caption_min_median_words: float = 20
-    caption_max_median_words: float = 220
-    caption_max_p95_words: float = 300
-    max_near_duplicate_rate: float = 0.02
-    near_duplicate_threshold: float = 0.85
+    max_null_rate: float = Field(0.0, ge=0, le=1)
+    seed_max_reject_rate: float = Field(0.25, ge=0, le=1)
+    caption_max_reject_rate: float = Field(0.9, ge=0, le=1)
+    caption_min_median_words: float = Field(20, ge=0, le=100000)
+    caption_max_median_words: float = Field(220, ge=0, le=100000)
+    caption_max_p95_words: float = Field(300, ge=0, le=100000)
+    max_near_duplicate_rate: float = Field(0.02, ge=0, le=1)
+    near_duplicate_threshold: float = Field(0.85, ge=0, le=1)
     # Stage 2 instructions
-    instruction_max_reject_rate: float = 0.9
-    instruction_min_json_validity: float = 0.8  # share of attempts that gave schema-valid JSON
-    instruction_mix_tolerance: float = 0.05  # plus 3 binomial standard errors
+    instruction_max_reject_rate: float = Field(0.9, ge=0, le=1)
+    # share of attempts that gave schema-valid JSON
+    instruction_min_json_validity: float = Field(0.8, ge=0, le=1)
+    instruction_mix_tolerance: float = Field(0.05, ge=0, le=1)  # plus 3 binomial standard errors
     # Stage 3: unit-norm embeddings within this of 1 (fp16 encoders are normalised in fp32), and
     # the mean of the shifted (unnormalised) text embeddings within this L2 distance of its target
-    embedding_norm_tolerance: float = 1e-3
-    transfer_mean_tolerance: float = 1e-4
+    embedding_norm_tolerance: float = Field(1e-3, ge=0, le=1)
+    transfer_mean_tolerance: float = Field(1e-4, ge=0, le=1)
     # SynthVLM: median CLIPScore floor of the rendered images (0 for untrained encoders; README)
-    synthvlm_min_median_clipscore: float = 0.0
+    synthvlm_min_median_clipscore: float = Field(0.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _words_in_order(self) -> QualityGates:
+        low, high = self.caption_min_median_words, self.caption_max_median_words
+        if isinstance(low, float | int) and isinstance(high, float | int) and low > high:
+            raise ValueError(f"caption_min_median_words ({low:g}) is above "
+                             f"caption_max_median_words ({high:g}); "
+                             "no caption set could pass: lower the minimum or raise the maximum")
+        return self

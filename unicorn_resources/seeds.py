@@ -7,6 +7,7 @@ from importlib.resources import files
 from typing import Any, Literal
 
 import dagster as dg
+from pydantic import Field
 
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.seeds import (
@@ -31,10 +32,10 @@ class SeedSource(dg.ConfigurableResource):
     caption_column: str = "caption"
     label_column: str = "label"
     id_column: str = "id"
-    max_line_bytes: int = 64 * 1024
+    max_line_bytes: int = Field(64 * 1024, ge=1, le=2**30)
     on_bad_line: Literal["skip", "fail"] = "skip"
     label_templates: str = "seed_labels/v1.txt"
-    templates_per_label: int = 10
+    templates_per_label: int = Field(10, ge=1, le=1000)
 
     def list_entries(self) -> list[dict[str, Any]]:
         """fsspec details (name, size, mtime or ETag) of the files at the location, listed afresh:

@@ -7,6 +7,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import Field
+
 from unicorn_resources.llm.base import ChatRequest, Completion, LLMResource, SamplingParams
 
 _VOCAB = (
@@ -19,7 +21,7 @@ _VOCAB = (
 class FakeLLM(LLMResource):
     """Returns seeded pseudo-descriptions (or schema-shaped JSON); no model is loaded."""
 
-    words_per_completion: int = 40
+    words_per_completion: int = Field(40, ge=1, le=100000)
 
     @property
     def model_id(self) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from unicorn_resources.llm.base import (
     ChatRequest,
@@ -31,9 +31,9 @@ class LlamaCppLLM(LLMResource):
     """A GGUF model run by llama.cpp on the CPU. Loaded once per run."""
 
     model_path: str | None = None  # None: the offline SmolLM2-135M-Instruct GGUF
-    n_ctx: int = 2048
-    n_threads: int | None = None  # None: all cores
-    n_batch: int = 512
+    n_ctx: int = Field(2048, ge=256, le=131072)
+    n_threads: int | None = Field(None, ge=1, le=1024)  # None: all cores
+    n_batch: int = Field(512, ge=1, le=131072)
 
     _llm: Any = PrivateAttr(default=None)
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import openai
 from openai.types.chat import ChatCompletion
+from pydantic import Field
 
 from unicorn_resources.llm.base import LLMResource
 from unicorn_resources.llm.types import ChatRequest, Completion, GenerationError, SamplingParams
@@ -23,11 +24,11 @@ class OpenAILLM(LLMResource):
     Retry-After); any other 4xx fails at once. One failed request fails the whole call."""
 
     model: str  # the model name the server knows, e.g. "Qwen/Qwen2.5-72B-Instruct"
-    base_urls: list[str]  # e.g. ["http://vllm-0:8000/v1", "http://vllm-1:8000/v1"]
+    base_urls: list[str] = Field(min_length=1)  # e.g. ["http://vllm-0:8000/v1", "http://vllm-1:8000/v1"]
     api_key: str | None = None  # give it as {env: NAME} (an EnvVar); servers without auth take any
-    max_in_flight: int = 32
-    timeout_s: float = 300.0  # per request (one attempt)
-    max_retries: int = 5
+    max_in_flight: int = Field(32, ge=1, le=65536)
+    timeout_s: float = Field(300.0, gt=0, le=86400)  # per request (one attempt)
+    max_retries: int = Field(5, ge=0, le=100)
     # How a JSON schema is sent: "json_schema" (OpenAI, vLLM, SGLang), "json_object" (the llama.cpp
     # server's {"type": "json_object", "schema": ...}), or "none" (server without structured output).
     structured_output: Literal["json_schema", "json_object", "none"] = "json_schema"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from unicorn_resources.llm.base import (
     ChatRequest,
@@ -24,8 +24,8 @@ class TransformersLLM(LLMResource):
     model_path: str | None = None  # HF directory/id or .gguf file; None: the offline SmolLM2 GGUF
     device: str = "auto"  # "auto" picks cuda when present
     dtype: str = "auto"  # "auto": float16 on cuda, float32 on cpu
-    batch_size: int = 8
-    n_threads: int | None = None
+    batch_size: int = Field(8, ge=1, le=4096)
+    n_threads: int | None = Field(None, ge=1, le=1024)
 
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)

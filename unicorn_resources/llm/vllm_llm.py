@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from unicorn_resources.llm.base import LLMResource
 from unicorn_resources.llm.types import ChatRequest, Completion, SamplingParams
@@ -32,9 +32,9 @@ class VllmLLM(LLMResource):
 
     model: str  # an HF id or a local path; a .gguf file needs `tokenizer` too
     tokenizer: str | None = None
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None  # None: the model's own context length
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=256, le=2**21)  # None: the model's own context length
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     engine_args: dict[str, Any] = {}  # any further vllm.LLM argument (quantization, enforce_eager…)
 
