@@ -10,6 +10,7 @@ from dagster_project.automation import (
 from dagster_project.jobs import JOBS, SYNTHVLM_JOBS, unicorn_shard_job
 from dagster_project.profiles import (
     build_resources,
+    check_run_config,
     load_profile,
     synthvlm_enabled,
     with_run_config,
@@ -35,7 +36,7 @@ def build_definitions(profile_name: str | None = None) -> dg.Definitions:
     op_configs = profile_op_config(profile)
     jobs = with_run_config(JOBS + (SYNTHVLM_JOBS if synthvlm else []), profile)
     shard_job = next(job for job in jobs if job.name == unicorn_shard_job.name)
-    return dg.Definitions(
+    defs = dg.Definitions(
         assets=with_recipe_versions(ASSETS + (synthvlm_assets if synthvlm else []), resources,
                                     op_configs),
         asset_checks=ASSET_CHECKS + (synthvlm_checks if synthvlm else []),
@@ -45,6 +46,8 @@ def build_definitions(profile_name: str | None = None) -> dg.Definitions:
         schedules=[build_nightly_schedule(automation.nightly, op_configs)],
         executor=automation.executor_def(),
     )
+    check_run_config(defs, profile)
+    return defs
 
 
 defs = build_definitions()

@@ -6,6 +6,7 @@ your own; switching environments is a configuration change, never a code edit.
 
 from __future__ import annotations
 
+import difflib
 import os
 from importlib.resources import files
 from pathlib import Path
@@ -14,120 +15,132 @@ from typing import Any
 import dagster as dg
 import yaml
 from dagster_shared.record import replace
-from pydantic import ValidationError
 
-from unicorn_assets.stage2 import InstructionDefaults
-from unicorn_resources.clip import ClipResource, OpenClipResource
-from unicorn_resources.diffusion import DiffusionResource, SdxlResource
-from unicorn_resources.llm import (
-    FakeLLM,
-    LlamaCppLLM,
-    LLMResource,
-    OpenAILLM,
-    TransformersLLM,
-    VllmLLM,
+from dagster_project.profile_settings import (
+    CLIP_BACKENDS,
+    DEFAULT_BACKEND,
+    DIFFUSION_BACKENDS,
+    LLM_BACKENDS,
+    ProfileError,
+    build_checked,
+    set_values,
+    validate_profile,
 )
+from unicorn_assets.stage2 import InstructionDefaults
+from unicorn_resources.clip import ClipResource
+from unicorn_resources.diffusion import DiffusionResource
+from unicorn_resources.llm import LLMResource
 from unicorn_resources.quality import QualityGates
 from unicorn_resources.seeds import BUNDLED_SEEDS, SeedSource
 from unicorn_resources.storage import ParquetIOManager, S3Options, join
 
 PROFILE_DIR = files("dagster_project") / "profiles"
 
-LLM_BACKENDS: dict[str, type[LLMResource]] = {
-    "llama_cpp": LlamaCppLLM,
-    "transformers": TransformersLLM,
-    "vllm": VllmLLM,
-    "openai": OpenAILLM,
-    "fake": FakeLLM,
-}
 
-
-CLIP_BACKENDS: dict[str, type[ClipResource]] = {"open_clip": OpenClipResource}
-DIFFUSION_BACKENDS: dict[str, type[DiffusionResource]] = {"sdxl": SdxlResource}
-
-
-class ProfileError(ValueError):
-    pass
+def _known_profiles() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in PROFILE_DIR.iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def profile_path(name: str | None = None) -> Path:
     explicit = os.environ.get("UNICORN_PROFILE_FILE")
     if explicit and name is None:
+        if not Path(explicit).is_file():
+            raise ProfileError(f"UNICORN_PROFILE_FILE={explicit}: no such file; point it at a "
+                               "profile YAML file, or unset it to use UNICORN_PROFILE")
         return Path(explicit)
     name = name or os.environ.get("UNICORN_PROFILE", "local")
-    path = PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.name.removesuffix(".yaml") for p in PROFILE_DIR.iterdir()
-                       if p.name.endswith(".yaml"))
-        raise ProfileError(f"unknown profile {name!r}; set UNICORN_PROFILE to one of {known}, "
-                           "or UNICORN_PROFILE_FILE to a YAML file of your own")
-    return Path(str(path))
+    known = _known_profiles()
+    if name not in known:  # a name only: never a path out of the profiles folder
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ProfileError(f"unknown profile {name!r}; {hint}set UNICORN_PROFILE to one of "
+                           f"{known}, or UNICORN_PROFILE_FILE to a YAML file of your own")
+    return Path(str(PROFILE_DIR / f"{name}.yaml"))
 
 
-def _resolve(value: Any) -> Any:
+def _resolve(value: Any, sources: dict[str, str] | None = None, at: tuple[str, ...] = (),
+             path: str = "the profile") -> Any:
     """Replace {env: NAME, default: X} by the environment's value (or X), and {env: NAME} by an
-    EnvVar resolved at run time."""
+    EnvVar resolved at run time. `sources` gets {setting: NAME} of each value the environment
+    set, so an error about the value names the variable."""
     if isinstance(value, dict):
-        if "env" in value and set(value) <= {"env", "default"}:
-            if "default" in value:
-                return os.environ.get(value["env"], value["default"])
-            return dg.EnvVar(value["env"])
-        return {k: _resolve(v) for k, v in value.items()}
+        if "env" in value:
+            other = sorted(set(value) - {"env", "default"})
+            if other or not isinstance(value["env"], str) or not value["env"]:
+                raise ProfileError(
+                    f"{path}: {'.'.join(at)}: write an environment reference as "
+                    f"{{env: NAME}} or {{env: NAME, default: VALUE}}; got {value!r}")
+            name = value["env"]
+            if "default" not in value:
+                return dg.EnvVar(name)
+            if name in os.environ:
+                if sources is not None:
+                    sources[".".join(at)] = name
+                return os.environ[name]
+            return value["default"]
+        return {k: _resolve(v, sources, (*at, str(k)), path) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v) for v in value]
+        return [_resolve(v, sources, (*at, str(i)), path) for i, v in enumerate(value)]
     return value
 
 
 def load_profile(name: str | None = None) -> dict[str, Any]:
+    """The profile's settings, checked against ProfileSettings (every key, every range): the
+    values it sets, environment references resolved, with `name` and `_path` (its file)."""
     path = profile_path(name)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ProfileError(f"{path}: not valid YAML: {err}") from err
-    spec = _resolve(spec)
-    spec["_path"] = str(path)
-    spec.setdefault("name", path.stem)
-    return spec
+    except (OSError, UnicodeDecodeError) as err:
+        raise ProfileError(f"{path}: cannot be read ({err}); fix the file or its "
+                           "permissions") from err
+    sources: dict[str, str] = {}
+    spec = _resolve(spec, sources, path=str(path))
+    profile = set_values(validate_profile(spec, str(path), sources))
+    profile.setdefault("name", path.stem)
+    profile["_path"], profile["_env"] = str(path), sources
+    return profile
 
 
-def _s3(section: dict[str, Any]) -> S3Options:
-    return S3Options(**(section.pop("s3", None) or {}))
+def _where(profile: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    return profile.get("_path", "the profile"), profile.get("_env") or {}
 
 
-def build_llm(section: dict[str, Any], storage_base: str = "data") -> LLMResource:
+def _backend_section(section: str, values: dict[str, Any] | None, path: str
+                     ) -> tuple[str, dict[str, Any]]:
+    """(backend, its settings) of the llm/clip/diffusion section, checked."""
+    settings = validate_profile({section: values}, path)
+    checked = set_values(getattr(settings, section))
+    return checked.pop("backend", DEFAULT_BACKEND[section]), checked
+
+
+def build_llm(section: dict[str, Any], storage_base: str = "data",
+              path: str = "the profile") -> LLMResource:
     """The response cache defaults to <storage base>/llm_cache.sqlite; with S3 storage it must be
     set, since SQLite needs a filesystem (a shared volume in a cluster)."""
-    section = dict(section)
-    backend = section.pop("backend", "llama_cpp")
-    if backend not in LLM_BACKENDS:
-        raise ProfileError(f"llm.backend {backend!r} is unknown; use one of {sorted(LLM_BACKENDS)}")
+    backend, section = _backend_section("llm", section, path)
     if not section.get("cache_path"):
         section.pop("cache_path", None)
         if "://" not in storage_base and not isinstance(storage_base, dg.EnvVar):
             section["cache_path"] = join(storage_base, "llm_cache.sqlite")
         elif section.get("cache_enabled", True):
             raise ProfileError(
-                f"llm.cache_path: storage is {storage_base!r}, but the SQLite response cache needs "
-                "a filesystem path; set llm.cache_path to a file on a volume every run mounts, or "
-                "llm.cache_enabled: false")
-    return LLM_BACKENDS[backend](**section)
+                f"{path}: llm.cache_path: storage is {storage_base!r}, but the SQLite response "
+                "cache needs a filesystem path; set llm.cache_path to a file on a volume every "
+                "run mounts, or llm.cache_enabled: false")
+    return build_checked(LLM_BACKENDS[backend], section, ("llm", backend), path)
 
 
-def build_clip(section: dict[str, Any]) -> ClipResource:
-    section = dict(section)
-    backend = section.pop("backend", "open_clip")
-    if backend not in CLIP_BACKENDS:
-        raise ProfileError(f"clip.backend {backend!r} is unknown; use one of {sorted(CLIP_BACKENDS)}")
-    return CLIP_BACKENDS[backend](**section)
+def build_clip(section: dict[str, Any], path: str = "the profile") -> ClipResource:
+    backend, section = _backend_section("clip", section, path)
+    return build_checked(CLIP_BACKENDS[backend], section, ("clip", backend), path)
 
 
-def build_diffusion(section: dict[str, Any]) -> DiffusionResource:
-    section = dict(section)
-    backend = section.pop("backend", "sdxl")
-    if backend not in DIFFUSION_BACKENDS:
-        raise ProfileError(f"diffusion.backend {backend!r} is unknown; use one of "
-                           f"{sorted(DIFFUSION_BACKENDS)}")
-    return DIFFUSION_BACKENDS[backend](**section)
+def build_diffusion(section: dict[str, Any], path: str = "the profile") -> DiffusionResource:
+    backend, section = _backend_section("diffusion", section, path)
+    return build_checked(DIFFUSION_BACKENDS[backend], section, ("diffusion", backend), path)
 
 
 def with_run_config(jobs: list[Any], profile: dict[str, Any]) -> list[Any]:
@@ -135,47 +148,84 @@ def with_run_config(jobs: list[Any], profile: dict[str, Any]) -> list[Any]:
     small demo settings on a CPU): runs of the job without config of their own use it, and the
     launchpad shows it, editable. Asset materialisations outside these jobs use the defaults."""
     configs = profile.get("run_config") or {}
-    unknown = sorted(set(configs) - {job.name for job in jobs})
+    names = sorted(job.name for job in jobs)
+    unknown = sorted(set(configs) - set(names))
     if unknown:
-        raise ProfileError(f"run_config names unknown job(s) {unknown}; jobs: "
-                           f"{sorted(job.name for job in jobs)}")
+        near = {n: difflib.get_close_matches(n, names, n=1) for n in unknown}
+        hints = "".join(f"; run_config.{n}: did you mean run_config.{m[0]}?"
+                        for n, m in near.items() if m)
+        raise ProfileError(f"{_where(profile)[0]}: run_config names unknown job(s) {unknown}"
+                           f"{hints} (jobs: {', '.join(names)})")
     # Dagster has no public way to set a defined asset job's config; `replace` rebuilds the record.
     return [replace(job, config=configs[job.name]) if job.name in configs else job for job in jobs]
 
 
+def check_run_config(defs: dg.Definitions, profile: dict[str, Any]) -> None:
+    """Each job's run config from the profile against the job's own config (its ops, their keys
+    and types), when the Definitions load rather than when a run starts."""
+    path = _where(profile)[0]
+    for job_name, config in (profile.get("run_config") or {}).items():
+        job = defs.resolve_job_def(job_name)
+        where = f"{path}: run_config.{job_name}.ops"
+        try:  # the job's whole default config: its ops and each one's settings
+            ops = dg.validate_run_config(job, {})["ops"]
+        except dg.DagsterInvalidConfigError:
+            ops = {}
+        configurable = sorted(op for op, c in ops.items() if isinstance(c.get("config"), dict))
+        problems = []
+        for op, op_config in (config.get("ops") or {}).items():
+            if ops and op not in configurable:
+                near = difflib.get_close_matches(op, configurable, n=1)
+                hint = f"did you mean {where[len(path) + 2:]}.{near[0]}? " if near else ""
+                problems.append(f"{where}.{op} is not a configurable op of {job_name}; {hint}"
+                                f"(valid: {', '.join(configurable)})")
+                continue
+            keys = sorted(ops[op]["config"]) if ops else []
+            for key in (op_config or {}).get("config") or {}:
+                if keys and key not in keys:
+                    near = difflib.get_close_matches(key, keys, n=1)
+                    hint = f"did you mean {where[len(path) + 2:]}.{op}.config.{near[0]}? " \
+                        if near else ""
+                    problems.append(f"{where}.{op}.config.{key} is not a setting; {hint}"
+                                    f"(valid: {', '.join(keys)})")
+        if not problems:
+            try:
+                dg.validate_run_config(job, config)
+            except dg.DagsterInvalidConfigError as err:
+                problems = [f"{path}: run_config.{job_name}: {e.message}" for e in err.errors]
+        if problems:
+            raise ProfileError("\n".join(problems))
+
+
 def synthvlm_enabled(profile: dict[str, Any]) -> bool:
     """The SynthVLM branch (its assets and jobs) is part of the Definitions only when turned on."""
-    return bool((profile.get("synthvlm") or {}).get("enabled", False))
+    path, sources = _where(profile)
+    return validate_profile({"synthvlm": profile.get("synthvlm")}, path, sources).synthvlm.enabled
 
 
 def build_resources(profile: dict[str, Any]) -> dict[str, Any]:
-    storage = dict(profile.get("storage") or {})
-    storage_s3 = _s3(storage)
-    seeds = dict(profile.get("seeds") or {})
+    path, sources = _where(profile)
+    values = set_values(validate_profile(profile, path, sources))
+    storage = values.get("storage", {})
+    storage_s3 = S3Options(**storage.pop("s3", {}))
+    seeds = values.get("seeds", {})
     if seeds.get("location") in (None, "bundled"):
         seeds["location"] = BUNDLED_SEEDS
-    seeds_s3 = _s3(seeds)
+    seeds_s3 = S3Options(**seeds.pop("s3", {}))
     return {
-        "io_manager": ParquetIOManager(s3=storage_s3, **storage),
-        "seeds": SeedSource(s3=seeds_s3, **seeds),
-        "llm": build_llm(profile.get("llm") or {}, storage.get("base_uri", "data")),
-        "clip": build_clip(profile.get("clip") or {}),
-        "diffusion": build_diffusion(profile.get("diffusion") or {}),
-        "quality_gates": QualityGates(**(profile.get("quality_gates") or {})),
-        "stage2": build_stage2(profile.get("stage2") or {}, profile.get("_path", "the profile")),
+        "io_manager": build_checked(ParquetIOManager, {**storage, "s3": storage_s3}, ("storage",),
+                                    path),
+        "seeds": build_checked(SeedSource, {**seeds, "s3": seeds_s3}, ("seeds",), path),
+        "llm": build_llm(values.get("llm", {}), storage.get("base_uri", "data"), path),
+        "clip": build_clip(values.get("clip", {}), path),
+        "diffusion": build_diffusion(values.get("diffusion", {}), path),
+        "quality_gates": build_checked(QualityGates, values.get("quality_gates", {}),
+                                       ("quality_gates",), path),
+        "stage2": build_stage2(values.get("stage2", {}), path),
     }
 
 
 def build_stage2(section: dict[str, Any], path: str = "the profile") -> InstructionDefaults:
     """The `stage2:` section of the profile file at `path` as the `stage2` resource."""
-    unknown = sorted(set(section) - set(InstructionDefaults.model_fields))
-    if unknown:
-        raise ProfileError(f"{path}: stage2 has unknown setting(s) {unknown}; fix the name, or "
-                           f"remove it. Known: {sorted(InstructionDefaults.model_fields)}")
-    try:
-        return InstructionDefaults(**section)
-    except ValidationError as err:
-        problems = "; ".join(f"stage2.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in err.errors())
-        raise ProfileError(f"{path}: {problems}. Fix the value, or remove it to take the "
-                           "paper's default.") from None
+    checked = set_values(validate_profile({"stage2": section}, path).stage2)
+    return build_checked(InstructionDefaults, checked, ("stage2",), path)

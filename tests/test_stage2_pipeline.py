@@ -183,9 +183,11 @@ def test_a_runs_config_overrides_the_profile_field_by_field(instance, tmp_path, 
 
 
 def test_bad_stage2_settings_are_refused_naming_the_file_and_the_fix():
-    with pytest.raises(ProfileError, match=r"my\.yaml: stage2 has unknown setting.*qa_pairs.*fix"):
+    with pytest.raises(ProfileError, match=r"my\.yaml: stage2\.qa_pairs is not a setting; did you "
+                       r"mean stage2\.qa_pairs_min\?"):
         build_stage2({"qa_pairs": 2}, "my.yaml")
-    with pytest.raises(ProfileError, match=r"my\.yaml: stage2\.qa_pairs_min: .*integer.*Fix"):
+    with pytest.raises(ProfileError, match=r"my\.yaml: stage2\.qa_pairs_min = 'two' is not valid: "
+                       r".*integer.*fix it, or remove it to take the default 6"):
         build_stage2({"qa_pairs_min": "two"}, "my.yaml")
 
 

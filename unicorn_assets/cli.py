@@ -28,8 +28,13 @@ def _instance():
 
 
 def _defs():
-    from dagster_project.definitions import defs
+    from dagster_project.profiles import ProfileError
 
+    try:
+        from dagster_project.definitions import defs
+    except ProfileError as err:  # a wrong profile: its message names the file, setting and fix
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     return defs
 
 
