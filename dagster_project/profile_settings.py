@@ -64,6 +64,9 @@ def _run_time_env(value: Any, handler: Any) -> Any:
 
 def _null_is_empty(value: Any, handler: Any) -> Any:
     """A section or sub-section left empty in YAML (`s3:`) is null: its defaults."""
+    if value is not None and not isinstance(value, Mapping | BaseModel):
+        raise ValueError("a section is a mapping of settings (name: value), not "
+                         f"{type(value).__name__}")
     return handler({} if value is None else value)
 
 
@@ -199,14 +202,13 @@ class _Place:
         self.field: FieldInfo | None = None
         self.metadata: list[Any] = []
         self.annotation: Any = ProfileSettings
-        self.tags: dict[str, Any] = {}
         self.backend: str | None = None  # the backend variant the location is in
         annotation: Any = ProfileSettings
         for part in loc:
             tags = _tags(annotation, self.metadata)
             annotation, _ = _strip(annotation)
             if tags and part in tags:
-                annotation, self.tags, self.backend = tags[part], tags, str(part)
+                annotation, self.backend = tags[part], str(part)
                 continue
             self.keys.append(str(part))
             self.field, self.metadata = None, []
@@ -265,6 +267,11 @@ def _default(place: _Place) -> str:
     return f", or remove it to take the default {default!r}"
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _near(word: str, options: list[str]) -> str | None:
     found = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return found[0] if found else None
@@ -275,8 +282,8 @@ def _problem(error: Mapping[str, Any], prefix: tuple[Any, ...], env: Mapping[str
     place = _Place(loc)
     kind, value = error["type"], error.get("input")
     source = env.get(place.dotted)
-    shown = f"{place.dotted} = {value!r}" + (f" (from environment variable {source})"
-                                              if source else "")
+    shown = f"{place.dotted} = {_short(value)}" + (f" (from environment variable {source})"
+                                                    if source else "")
     fix = f"; fix or unset {source}" if source else ""
 
     if kind == "extra_forbidden":

@@ -204,6 +204,12 @@ def test_settings_that_contradict_each_other_are_refused(tmp_path, offline, monk
                    "quality_gates: {caption_min_median_words: 50, caption_max_median_words: 40}")
 
 
+def test_a_section_must_be_a_mapping(tmp_path, offline, monkeypatch):
+    with pytest.raises(ProfileError, match=r"my\.yaml: llm = 'fake' is not valid: a section is a "
+                       r"mapping of settings \(name: value\), not str"):
+        _load_file(tmp_path, monkeypatch, "llm: fake")
+
+
 def test_a_missing_setting_of_the_backend_is_named(tmp_path, offline, monkeypatch):
     with pytest.raises(ProfileError, match=r"my\.yaml: llm\.base_urls is missing: backend openai "
                        r"needs it"):
