@@ -1,5 +1,6 @@
 """The LLM response cache: hits and misses, what the key covers, turning it off, clearing it,
-several processes on one file, and a Stage-1 re-run that the cache answers completely."""
+completions kept as they finish (a crash loses only the work in progress), several processes on
+one file, and a Stage-1 re-run that the cache answers completely."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import make_resources, materialize_shard
+from pydantic import PrivateAttr
 from typer.testing import CliRunner
 
 from unicorn_resources.llm import (
@@ -173,6 +175,86 @@ def test_wrong_answer_count_from_a_backend_fails(tmp_path):
         DropsOne(cache_path=str(tmp_path / "c.sqlite")).generate(
             [chat("x", seed=i) for i in range(3)], PARAMS)
     assert ResponseCache(tmp_path / "c.sqlite").counts() == {}
+
+
+class OneAtATime(FakeLLM):
+    """FakeLLM that yields each completion as it is made, as llama_cpp does. Before each request
+    it notes how many rows another connection sees in the cache; at request `dies_at` it fails
+    with a plain error, as a crashed model would."""
+
+    dies_at: int = -1
+    _rows_seen: list = PrivateAttr(default_factory=list)
+
+    def _generate(self, requests, params):
+        for i, request in enumerate(requests):
+            self._rows_seen.append(sum(ResponseCache(self.cache_path).counts().values()))
+            if i == self.dies_at:
+                raise RuntimeError("the model process died")
+            yield from FakeLLM._generate(self, [request], params)
+
+
+def test_each_completion_is_in_the_cache_as_soon_as_it_is_done(tmp_path, backend_calls):
+    path = str(tmp_path / "c.sqlite")
+    requests = [chat("a horse", seed=i) for i in range(6)]
+    dying = OneAtATime(cache_path=path, dies_at=3)
+    with pytest.raises(RuntimeError, match="died"):
+        dying.generate(requests, PARAMS)
+    assert dying._rows_seen == [0, 1, 2, 3]  # committed one by one, before the batch ended
+    assert ResponseCache(path).counts() == {"fake:deterministic": 3}
+
+    answers = FakeLLM(cache_path=path).generate(requests, PARAMS)
+    assert [c.cached for c in answers] == [True] * 3 + [False] * 3
+    assert backend_calls[-1] == 3  # the re-run paid only for what had not finished
+    fresh = FakeLLM(cache_enabled=False).generate(requests, PARAMS)
+    assert [c.text for c in answers] == [c.text for c in fresh]
+
+
+def test_groups_a_backend_yields_are_kept_as_each_finishes(tmp_path):
+    class InPairs(FakeLLM):
+        def _generate(self, requests, params):
+            for start in range(0, len(requests), 2):
+                yield FakeLLM._generate(self, requests[start : start + 2], params)
+                if start == 2:
+                    raise GenerationError("the engine stopped")
+
+    path = str(tmp_path / "c.sqlite")
+    with pytest.raises(GenerationError, match="engine stopped"):
+        InPairs(cache_path=path).generate([chat("a fox", seed=i) for i in range(7)], PARAMS)
+    assert ResponseCache(path).counts() == {"fake:deterministic": 4}
+
+
+def test_a_streaming_backend_with_too_few_or_too_many_answers_fails(tmp_path):
+    class Yields(FakeLLM):
+        extra: int = 0
+
+        def _generate(self, requests, params):
+            made = FakeLLM._generate(self, requests, params)
+            yield from (made + made)[: len(requests) + self.extra]
+
+    requests = [chat("y", seed=i) for i in range(3)]
+    with pytest.raises(GenerationError, match="2 completions for 3 requests"):
+        Yields(cache_path=str(tmp_path / "few.sqlite"), extra=-1).generate(requests, PARAMS)
+    with pytest.raises(GenerationError, match="4 completions for 3 requests"):
+        Yields(cache_path=str(tmp_path / "many.sqlite"), extra=1).generate(requests, PARAMS)
+
+
+def _generate_one_at_a_time(path: str, worker: int) -> None:
+    requests = [chat("a crowd", seed=i) for i in range(worker * 10, worker * 10 + 30)]
+    answers = OneAtATime(cache_path=path).generate(requests, PARAMS)
+    fresh = FakeLLM(cache_enabled=False).generate(requests, PARAMS)
+    assert [c.text for c in answers] == [c.text for c in fresh]
+
+
+def test_several_processes_commit_one_at_a_time_into_one_file(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_generate_one_at_a_time, args=(path, w)) for w in range(3)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0, 0, 0]
+    assert ResponseCache(path).counts() == {"fake:deterministic": 50}  # seeds 0..49, overlapping
 
 
 def _write_and_read(path: str, worker: int) -> None:

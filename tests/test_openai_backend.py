@@ -25,6 +25,7 @@ from unicorn_resources.llm import (
     ChatRequest,
     GenerationError,
     OpenAILLM,
+    ResponseCache,
     SamplingParams,
     default_gguf_path,
 )
@@ -158,6 +159,26 @@ def test_request_body_carries_sampling_seed_schema_and_key():
     assert three["repeat_penalty"] == PARAMS.repeat_penalty and "repetition_penalty" not in three
     assert "response_format" not in four and "repetition_penalty" not in four
     assert server.auth[:2] == ["Bearer k-123"] * 2
+
+
+def test_each_answer_is_cached_while_the_call_still_runs(tmp_path):
+    """Request n is answered once the cache holds the n answers before it (or after 3 s)."""
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    rows_seen = []
+
+    def after_the_earlier_answers_are_cached(body, attempt):
+        n, deadline = int(body["messages"][-1]["content"]), time.monotonic() + 3
+        while sum(cache.counts().values()) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rows_seen.append(sum(cache.counts().values()))
+        return echo(body, attempt)
+
+    with FakeServer(after_the_earlier_answers_are_cached) as server:
+        llm = OpenAILLM(model="m", base_urls=[server.url], max_in_flight=1, max_retries=0,
+                        cache_path=str(cache.path))
+        answers = llm.generate([chat(str(n)) for n in range(4)], PARAMS)
+    assert rows_seen == [0, 1, 2, 3]
+    assert [c.text for c in answers] == ["echo: 0", "echo: 1", "echo: 2", "echo: 3"]
 
 
 def test_rate_limit_is_retried_with_backoff_then_succeeds():

@@ -1,7 +1,7 @@
 """The `vllm` backend's request shaping and engine lifecycle, with a stand-in `vllm` module.
 
 vLLM is not installed here (it is the `gpu` extra and needs CUDA): these tests check what the
-backend would send to the engine (one `chat` batch, per-request SamplingParams, structured outputs)
+backend would send to the engine (`chat` sub-batches, per-request SamplingParams, structured outputs)
 and when it creates and shuts the engine down. The real engine is not exercised by this suite."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from conftest import make_resources
 from dagster_project.partitions import SEED_SHARDS
 from unicorn_assets.seeds import read_caption_seeds
 from unicorn_assets.stage1 import expand_captions
-from unicorn_resources.llm import ChatRequest, SamplingParams, VllmLLM
+from unicorn_resources.llm import ChatRequest, ResponseCache, SamplingParams, VllmLLM
 
 
 class Recorded:
@@ -117,6 +117,31 @@ def test_every_request_goes_in_one_batch_with_its_own_sampling(fake_vllm, tmp_pa
 
     again = llm.generate(requests, params)  # answered by the cache: no second batch
     assert len(engine.chat_calls) == 1 and all(a.cached for a in again)
+
+
+def test_each_sub_batch_is_cached_as_soon_as_it_is_done(fake_vllm, tmp_path, monkeypatch):
+    requests = [ChatRequest.of([{"role": "user", "content": f"Describe scene {i}."}], seed=i)
+                for i in range(5)]
+    cache_path = tmp_path / "cache.sqlite"
+    llm = VllmLLM(model="m", sub_batch_size=2, cache_path=str(cache_path))
+    answer, died = FakeEngine.chat, []
+
+    def dies_on_the_third_batch(engine, messages, **kwargs):
+        if len(engine.chat_calls) == 2 and not died:
+            died.append(True)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return answer(engine, messages, **kwargs)
+
+    monkeypatch.setattr(FakeEngine, "chat", dies_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        llm.generate(requests, SamplingParams())
+    [engine] = FakeEngine.created
+    assert [len(call[0]) for call in engine.chat_calls] == [2, 2]
+    assert ResponseCache(cache_path).counts() == {"vllm:m": 4}  # the two finished sub-batches
+
+    again = llm.generate(requests, SamplingParams())
+    assert [a.cached for a in again] == [True] * 4 + [False]
+    assert [len(call[0]) for call in engine.chat_calls] == [2, 2, 1]
 
 
 def test_a_backfill_run_loads_the_engine_once_and_sends_one_batch(fake_vllm, tmp_path, instance,

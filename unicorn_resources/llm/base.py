@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,10 @@ __all__ = ["ChatRequest", "Completion", "GenerationError", "LLMResource", "Sampl
            "default_gguf_path"]
 
 DEFAULT_CACHE_PATH = "data/llm_cache.sqlite"
+
+# What `_generate` returns: completions in request order, as a list (all finished at once) or as
+# they finish (each item one completion, or a list of those that finished together).
+Completions = Iterable[Completion | Sequence[Completion]]
 
 
 class LLMResource(dg.ConfigurableResource, ABC):
@@ -50,19 +54,24 @@ class LLMResource(dg.ConfigurableResource, ABC):
         return True
 
     @abstractmethod
-    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
-        """Complete every request (none of them cached); the result is in request order. A backend
-        that fails after some requests finished raises GenerationError with those."""
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> Completions:
+        """Complete every request (none of them cached), in request order: a list when the whole
+        batch finishes at once, or an iterator that yields completions as they finish (one
+        `Completion`, or a list of those that finished together). `generate` commits each yielded
+        item to the response cache as one transaction, so a crash loses only the work in
+        progress. A backend that fails after some requests finished may raise GenerationError
+        with those."""
 
     def response_cache(self) -> ResponseCache:
         return ResponseCache(self.cache_path, self.cache_journal_mode)
 
     def generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
         """Complete every request, in request order. Cached answers come back with cached=True;
-        only the misses reach the model. Raises if any request fails: never a partial result."""
+        only the misses reach the model, and each is in the cache as soon as it finished. Raises
+        if any request fails: never a partial result."""
         requests = list(requests)
         if not self.cache_enabled:
-            return self._checked(requests, params)
+            return [c for group in self._finished_groups(requests, params) for c in group]
         cache, model_id = self.response_cache(), self.model_id
         keys = [request_key(model_id, r, params) for r in requests]
         answers = cache.get_many(keys)
@@ -71,21 +80,44 @@ class LLMResource(dg.ConfigurableResource, ABC):
             first_index.setdefault(key, i)
         misses = [key for key in first_index if key not in answers]  # unique, in request order
         if misses:
-            try:
-                fresh = self._checked([requests[first_index[k]] for k in misses], params)
-            except GenerationError as err:
-                cache.put_many(model_id, ((misses[i], c) for i, c in err.completed.items()))
-                raise
-            cache.put_many(model_id, zip(misses, fresh))
-            answers.update(zip(misses, fresh))
+            with cache.writer(model_id) as put:
+                try:
+                    done = 0
+                    for group in self._finished_groups([requests[first_index[k]] for k in misses],
+                                                       params):
+                        finished = list(zip(misses[done : done + len(group)], group))
+                        put(finished)
+                        answers.update(finished)
+                        done += len(group)
+                except GenerationError as err:
+                    put((misses[i], c) for i, c in err.completed.items())
+                    raise
         return [answers[key] for key in keys]
 
-    def _checked(self, requests: list[ChatRequest], params: SamplingParams) -> list[Completion]:
-        completions = self._generate(requests, params) if requests else []
-        if len(completions) != len(requests):
-            raise GenerationError(f"{self.model_id}: {len(completions)} completions for "
-                                  f"{len(requests)} requests", retryable=False)
-        return completions
+    def _finished_groups(self, requests: list[ChatRequest], params: SamplingParams
+                         ) -> Iterator[list[Completion]]:
+        """`_generate`'s completions, in request order, in the groups that finished together;
+        raises GenerationError (before the group that is too many) unless there is one for each
+        request."""
+        if not requests:
+            return
+        result = self._generate(requests, params)
+        if isinstance(result, Sequence):  # finished all at once: checked before any is kept
+            self._check_count(len(result), len(requests))
+            yield list(result)
+            return
+        count = 0
+        for item in result:
+            group = [item] if isinstance(item, Completion) else list(item)
+            self._check_count(count + len(group), len(requests), at_most=True)
+            count += len(group)
+            yield group
+        self._check_count(count, len(requests))
+
+    def _check_count(self, count: int, expected: int, at_most: bool = False) -> None:
+        if count > expected or (count < expected and not at_most):
+            raise GenerationError(f"{self.model_id}: {count} completions for {expected} requests",
+                                  retryable=False)
 
 
 def default_gguf_path() -> str:

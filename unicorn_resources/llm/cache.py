@@ -1,7 +1,9 @@
 """A response cache for LLM completions: one SQLite file, keyed on the exact request.
 
 Several processes (one per Dagster run) may read and write the same file at once: every call opens
-its own connection, writes one transaction per batch, and waits up to `busy_timeout_s` on a lock.
+its own connection, each write is one short transaction, and a lock is waited on up to
+`busy_timeout_s`. A generate call keeps one connection (`writer`) and commits completions as they
+finish, so a crash or a kill loses only the work in progress.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -82,13 +84,26 @@ class ResponseCache:
 
     def put_many(self, model_id: str, items: Iterable[tuple[str, Completion]]) -> None:
         """Store completions; an entry already there is kept (the first answer stays the answer)."""
-        now = time.time()
-        rows = [(key, model_id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, now)
-                for key, c in items]
-        if not rows:
-            return
-        with self._connect() as con, con:
-            con.executemany("insert or ignore into completions values (?, ?, ?, ?, ?, ?, ?)", rows)
+        items = list(items)
+        if items:
+            with self.writer(model_id) as put:
+                put(items)
+
+    @contextmanager
+    def writer(self, model_id: str) -> Iterator[Callable[[Iterable[tuple[str, Completion]]], None]]:
+        """`put(items)` on one open connection: each call is one transaction, committed on return
+        (in WAL mode a commit is an append without fsync, so committing often costs little)."""
+        with self._connect() as con:
+            def put(items: Iterable[tuple[str, Completion]]) -> None:
+                now = time.time()
+                rows = [(key, model_id, c.text, c.prompt_tokens, c.completion_tokens,
+                         c.finish_reason, now) for key, c in items]
+                if rows:
+                    with con:
+                        con.executemany(
+                            "insert or ignore into completions values (?, ?, ?, ?, ?, ?, ?)", rows)
+
+            yield put
 
     def clear(self, model_id: str | None = None) -> int:
         """Delete every entry (or those of one model); returns how many were deleted."""

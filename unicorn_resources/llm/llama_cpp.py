@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,10 @@ class LlamaCppLLM(LLMResource):
                               n_threads=self.n_threads, n_batch=self.n_batch, verbose=False)
         return self._llm
 
-    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams
+                  ) -> Iterator[Completion]:
+        """One request at a time, each yielded (and so cached) as soon as it is done."""
         llm = self._load()
-        out = []
         for request in requests:
             kwargs: dict[str, Any] = {}
             if request.json_schema is not None:
@@ -79,10 +80,9 @@ class LlamaCppLLM(LLMResource):
                 repeat_penalty=params.repeat_penalty, seed=request.seed, **kwargs,
             )
             choice, usage = response["choices"][0], response["usage"]
-            out.append(Completion(
+            yield Completion(
                 text=choice["message"]["content"] or "", prompt_tokens=usage["prompt_tokens"],
                 completion_tokens=usage["completion_tokens"],
                 finish_reason=choice.get("finish_reason") or "stop",
-            ))
-        return out
+            )
 

@@ -4,8 +4,9 @@ server, or a hosted API, through the official `openai` SDK."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import openai
@@ -44,10 +45,39 @@ class OpenAILLM(LLMResource):
     def supports_json_schema(self) -> bool:
         return self.structured_output != "none"
 
-    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams
+                  ) -> Iterator[list[Completion]]:
+        """Runs the requests on an event loop of its own and, whenever it wakes, yields the
+        completions finished since, up to the first request still running (request order)."""
         if not self.base_urls:
             raise ValueError("the openai llm needs at least one entry in base_urls")
-        return asyncio.run(self._run_all(list(requests), params))
+        requests = list(requests)
+        done: dict[int, Completion] = {}
+        arrived = asyncio.Event()
+        loop = asyncio.new_event_loop()
+        run = loop.create_task(self._run_all(requests, params, done, arrived))
+        try:
+            given = 0
+            while given < len(requests):
+                while given not in done and not run.done():
+                    loop.run_until_complete(_next_arrival(arrived, run))
+                if given not in done:
+                    run.result()  # the call failed: raises its GenerationError
+                    raise GenerationError(f"request {given} got no answer", retryable=False)
+                finished = []
+                while given in done:
+                    finished.append(done[given])
+                    given += 1
+                yield finished
+            loop.run_until_complete(run)
+        finally:  # also when the caller stops early: cancel what still runs, close the clients
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(run)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
 
     def request_body(self, request: ChatRequest, params: SamplingParams) -> dict[str, Any]:
         """The keyword arguments of `chat.completions.create` for one request."""
@@ -68,8 +98,9 @@ class OpenAILLM(LLMResource):
                 body["response_format"] = {"type": "json_object", "schema": request.json_schema}
         return body
 
-    async def _run_all(self, requests: list[ChatRequest], params: SamplingParams) -> list[Completion]:
-        done: dict[int, Completion] = {}
+    async def _run_all(self, requests: list[ChatRequest], params: SamplingParams,
+                       done: dict[int, Completion], arrived: asyncio.Event) -> None:
+        """Fills `done` (request index: completion), setting `arrived` after each."""
         pending = iter(enumerate(requests))
         clients = [openai.AsyncOpenAI(base_url=url, api_key=self.api_key or "none",
                                       timeout=self.timeout_s, max_retries=self.max_retries)
@@ -78,6 +109,7 @@ class OpenAILLM(LLMResource):
         async def worker(client: openai.AsyncOpenAI) -> None:
             for index, request in pending:  # one shared iterator: each request is taken once
                 done[index] = await self._complete(client, index, request, params)
+                arrived.set()
 
         n_workers = min(self.max_in_flight, len(requests))
         try:
@@ -95,7 +127,6 @@ class OpenAILLM(LLMResource):
         finally:
             for client in clients:
                 await client.close()
-        return [done[i] for i in range(len(requests))]
 
     async def _complete(self, client: openai.AsyncOpenAI, index: int, request: ChatRequest,
                         params: SamplingParams) -> Completion:
@@ -136,3 +167,13 @@ class OpenAILLM(LLMResource):
 
     def _redact(self, text: str) -> str:
         return text.replace(self.api_key, "***") if self.api_key else text
+
+
+async def _next_arrival(arrived: asyncio.Event, run: asyncio.Task) -> None:
+    """Wait until the next completion arrives or `run` has finished."""
+    arrived.clear()
+    waiter = asyncio.ensure_future(arrived.wait())
+    try:
+        await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()

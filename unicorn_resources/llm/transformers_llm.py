@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +72,15 @@ class TransformersLLM(LLMResource):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
         self._model, self._tokenizer, self._device = model, tokenizer, device
 
-    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams
+                  ) -> Iterator[list[Completion]]:
+        """`batch_size` requests per model.generate call; each batch is yielded (and so cached)
+        as soon as it is done."""
         import torch
         from transformers import set_seed
 
         self._load()
         tok, model = self._tokenizer, self._model
-        out: list[Completion] = []
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start : start + self.batch_size]
             prompts = [tok.apply_chat_template(r.message_dicts(), tokenize=False,
@@ -96,6 +98,7 @@ class TransformersLLM(LLMResource):
                 )
             new_tokens = generated[:, enc["input_ids"].shape[1]:]
             prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
+            out: list[Completion] = []
             for row, prompt_len in zip(new_tokens.tolist(), prompt_lengths):
                 stop_at = next((i for i, t in enumerate(row) if t == tok.eos_token_id), None)
                 kept = row if stop_at is None else row[:stop_at]
@@ -105,4 +108,4 @@ class TransformersLLM(LLMResource):
                     prompt_tokens=int(prompt_len), completion_tokens=len(kept),
                     finish_reason="length" if stop_at is None else "stop",
                 ))
-        return out
+            yield out

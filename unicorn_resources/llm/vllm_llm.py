@@ -3,7 +3,7 @@ CUDA torch), so it is imported only when the engine starts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -26,8 +26,9 @@ def import_vllm() -> ModuleType:
 
 
 class VllmLLM(LLMResource):
-    """`vllm.LLM`, created once per run (setup_for_execution) and shut down after it. Every call
-    sends all its prompts to the engine in one `chat` batch, so continuous batching does the work;
+    """`vllm.LLM`, created once per run (setup_for_execution) and shut down after it. A call sends
+    its prompts to the engine in `chat` batches of up to `sub_batch_size`, so continuous batching
+    does the work, and each batch's completions are in the response cache as soon as it is done;
     each request carries its own seed and, for Stage 2, its JSON schema (structured outputs)."""
 
     model: str  # an HF id or a local path; a .gguf file needs `tokenizer` too
@@ -37,6 +38,9 @@ class VllmLLM(LLMResource):
     max_model_len: int | None = Field(None, ge=256, le=2**21)  # None: the model's own context length
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     engine_args: dict[str, Any] = {}  # any further vllm.LLM argument (quantization, enforce_eager…)
+    # Requests per `chat` call. Larger keeps the GPU busier at the end of each batch; smaller
+    # loses less finished work to a crash (the cache keeps every finished batch).
+    sub_batch_size: int = Field(default=512, ge=1)
 
     _engine: Any = PrivateAttr(default=None)
 
@@ -90,16 +94,20 @@ class VllmLLM(LLMResource):
             kwargs["structured_outputs"] = StructuredOutputsParams(json=request.json_schema)
         return vllm.SamplingParams(**kwargs)
 
-    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams) -> list[Completion]:
+    def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams
+                  ) -> Iterator[list[Completion]]:
         engine = self._load()
-        outputs = engine.chat([r.message_dicts() for r in requests],
-                              sampling_params=[self.sampling_params(r, params) for r in requests],
-                              use_tqdm=False)
-        completions = []
-        for output in outputs:
-            best = output.outputs[0]
-            completions.append(Completion(
-                text=best.text, prompt_tokens=len(output.prompt_token_ids or []),
-                completion_tokens=len(best.token_ids), finish_reason=best.finish_reason or "stop",
-            ))
-        return completions
+        for start in range(0, len(requests), self.sub_batch_size):
+            batch = requests[start : start + self.sub_batch_size]
+            outputs = engine.chat([r.message_dicts() for r in batch],
+                                  sampling_params=[self.sampling_params(r, params) for r in batch],
+                                  use_tqdm=False)
+            completions = []
+            for output in outputs:
+                best = output.outputs[0]
+                completions.append(Completion(
+                    text=best.text, prompt_tokens=len(output.prompt_token_ids or []),
+                    completion_tokens=len(best.token_ids),
+                    finish_reason=best.finish_reason or "stop",
+                ))
+            yield completions
