@@ -88,6 +88,8 @@ def test_a_stage1_rerun_never_publishes_text_paired_with_another_texts_embedding
             in message)
     assert "unicorn backfill --shard shard-a --select" in message
     assert "unicorn materialize --shard shard-a" in message
+    logged = [e.user_message for e in pipeline.instance.all_logs(blocked.run_id)]
+    assert any(message in line for line in logged)  # the run log shows it too (command line)
     assert not blocked.asset_materializations_for_node("pretrain_dataset")
     assert not blocked.asset_materializations_for_node("instruct_dataset")
     assert export_files(pipeline) == published  # the previous exports stay, byte for byte

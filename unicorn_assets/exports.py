@@ -199,12 +199,16 @@ def export_checks(asset: str) -> list[dg.AssetChecksDefinition]:
     description="the exports' inputs pair: every caption embedding, shifted embedding and "
     "instruction record was made from the exact text its caption holds now (caption_sha256), "
     "and every caption has an embedding; a failure names the shards to re-run")
-def caption_pairing(transferred_embeddings: pl.LazyFrame, expanded_captions: pl.LazyFrame,
+def caption_pairing(context: dg.AssetCheckExecutionContext,
+                    transferred_embeddings: pl.LazyFrame, expanded_captions: pl.LazyFrame,
                     instructions: pl.LazyFrame, caption_embeddings: pl.LazyFrame
                     ) -> dg.AssetCheckResult:
-    return to_result(pairing.outcome(pairing.find_problems(expanded_captions, {
+    outcome = pairing.outcome(pairing.find_problems(expanded_captions, {
         "caption_embeddings": caption_embeddings, "instructions": instructions,
-        "transferred_embeddings": transferred_embeddings})))
+        "transferred_embeddings": transferred_embeddings}))
+    if not outcome.passed:  # in the run log too, so a command-line run shows the fix
+        context.log.error(outcome.description)
+    return to_result(outcome)
 
 
 export_assets = [pretrain_dataset, instruct_dataset]

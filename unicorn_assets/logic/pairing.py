@@ -98,7 +98,7 @@ def find_problems(captions: pl.LazyFrame, tables: Mapping[str, pl.LazyFrame]) ->
         if source_name not in sources:
             raise ValueError(f"{asset} is checked against {source_name}: pass it too")
         found.append(compare(asset, frame, sources[source_name], every_row))
-    return pl.concat(found).sort("asset", "shard", "problem")
+    return pl.concat(found).cast(dict(PROBLEM_SCHEMA)).sort("asset", "shard", "problem")
 
 
 @dataclass(frozen=True)
