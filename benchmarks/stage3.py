@@ -110,6 +110,7 @@ def write_corpus(data: Path, rows: int, shards: int, dim: int, model_id: str,
     from fsspec.implementations.local import LocalFileSystem
 
     from unicorn_assets.logic.modality import embedding_dtype
+    from unicorn_assets.logic.text import caption_sha256_series
     from unicorn_resources.storage import write_parquet
 
     def store(frame: pl.DataFrame, path: Path) -> None:
@@ -123,21 +124,30 @@ def write_corpus(data: Path, rows: int, shards: int, dim: int, model_id: str,
     rng = np.random.default_rng(0)
     (data / "caption_embeddings").mkdir(parents=True, exist_ok=True)
     (data / "expanded_captions").mkdir(parents=True, exist_ok=True)
+    (data / "instructions").mkdir(parents=True, exist_ok=True)
     for i, key in enumerate(keys):
         n = rows // shards + (1 if i < rows % shards else 0)
         vectors = rng.standard_normal((n, dim), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         ids = pl.int_range(i * rows, i * rows + n, eager=True).map_elements(
             lambda x: f"{x:016x}", return_dtype=pl.String).alias("caption_id")
-        store(pl.DataFrame({"caption_id": ids, "shard": key, "model_id": model_id,
+        # distinct texts: the export drops captions repeated across shards
+        texts = ("A red bus is parked beside a stone wall, frame " + ids).alias("caption")
+        digests = caption_sha256_series(texts)  # what Stage 1 stores and Stage 2/3 copy
+        store(pl.DataFrame({"caption_id": ids, "caption_sha256": digests, "shard": key,
+                            "model_id": model_id,
                             "embedding": pl.Series(vectors, dtype=embedding_dtype(dim))}),
               data / "caption_embeddings" / f"{key}.parquet")
         del vectors
-        store(pl.DataFrame({"caption_id": ids, "seed_id": ids, "shard": key,
-                            # distinct texts: the export drops captions repeated across shards
-                            "caption": "A red bus is parked beside a stone wall, frame " + ids,
-                            "model_id": "llama_cpp:bench", "prompt_version": "stage1_expand/v1"}),
+        store(pl.DataFrame({"caption_id": ids, "seed_id": ids, "shard": key, "caption": texts,
+                            "caption_sha256": digests, "model_id": "llama_cpp:bench",
+                            "prompt_version": "stage1_expand/v1"}),
               data / "expanded_captions" / f"{key}.parquet")
+        # no instruction records (the pretrain export needs none), but the file the corpus
+        # job's pairing check reads
+        store(pl.DataFrame(schema={"id": pl.String, "caption_id": pl.String,
+                                   "caption_sha256": pl.String, "shard": pl.String}),
+              data / "instructions" / f"{key}.parquet")
     return keys
 
 

@@ -24,6 +24,7 @@ from dagster_project.partitions import SEED_SHARDS, seed_shards
 from dagster_project.staleness import recipe_version, with_recipe_versions
 from unicorn_assets.load_example import UnicornExport
 from unicorn_assets.logic import export
+from unicorn_assets.logic.text import caption_sha256_series
 from unicorn_assets.seeds import read_caption_seeds
 from unicorn_assets.stage1 import ExpansionConfig, expand_captions
 from unicorn_resources.llm import FakeLLM
@@ -141,7 +142,8 @@ def test_shards_made_before_shard_qualified_ids_are_regenerated_from_the_cache(
 
 
 def frame(rows: list[tuple[str, str, str]]) -> pl.LazyFrame:
-    return pl.LazyFrame(rows, schema=["caption_id", "shard", "caption"], orient="row")
+    captions = pl.DataFrame(rows, schema=["caption_id", "shard", "caption"], orient="row")
+    return captions.with_columns(caption_sha256_series(captions["caption"])).lazy()
 
 
 def test_the_first_shard_in_key_order_keeps_a_repeated_caption(tmp_path: Path):

@@ -17,16 +17,18 @@ from unicorn_assets.load_example import main as load_example_main
 from unicorn_assets.logic import export, modality
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.logic.prompts import load_lines
-from unicorn_assets.logic.text import stable_id
+from unicorn_assets.logic.text import caption_sha256_series, stable_id
 
 DIM = 6
 PROMPTS = load_lines("brief_description/v1.txt")
 
 
 def captions(n: int) -> pl.DataFrame:
+    texts = pl.Series("caption", [f"A photo number {i} of a red kite over a beach."
+                                  for i in range(n)])
     return pl.DataFrame({"caption_id": [stable_id("c", i) for i in range(n)],
-                         "shard": ["a" if i % 2 else "b" for i in range(n)],
-                         "caption": [f"A photo number {i} of a red kite over a beach." for i in range(n)]})
+                         "shard": ["a" if i % 2 else "b" for i in range(n)]}).with_columns(
+        texts, caption_sha256_series(texts))
 
 
 @pytest.fixture
@@ -100,8 +102,10 @@ def test_write_export_shards_index_and_loads_back(tmp_path: Path, source):
 def test_records_of_one_caption_share_its_embedding(tmp_path: Path, source):
     frame, embeddings, stats = source
     used = frame["caption_id"][:3].to_list()
+    digest = dict(zip(frame["caption_id"], frame["caption_sha256"]))
     instructions = pl.LazyFrame({
         "id": ["i1", "i2", "i3", "i4"], "caption_id": [used[0], used[0], used[1], used[2]],
+        "caption_sha256": [digest[used[0]], digest[used[0]], digest[used[1]], digest[used[2]]],
         "task_type": ["multiple_choice", "question_answering", "multi_turn", "complex_reasoning"],
         "conversations": [[{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]] * 4,
     })

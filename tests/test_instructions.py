@@ -39,6 +39,7 @@ from unicorn_assets.logic.instructions import (
     task_counts,
     well_formed,
 )
+from unicorn_assets.logic.text import caption_sha256_series
 from unicorn_assets.stage2 import PAPER_MIX, InstructionConfig, InstructionDefaults, stage2_checks
 from unicorn_resources.llm import ChatRequest, FakeLLM, SamplingParams
 from unicorn_resources.llm.types import Completion
@@ -50,10 +51,11 @@ TWO = {t: (2, 2) for t in TASK_TYPES}
 
 
 def captions(n: int, shards: tuple[str, ...] = ("a",)) -> pl.DataFrame:
+    texts = pl.Series("caption", [CAPTIONS[i % len(CAPTIONS)] for i in range(n)], dtype=pl.String)
     return pl.DataFrame({
         "caption_id": [f"cap{i}" for i in range(n)], "seed_id": [f"seed{i}" for i in range(n)],
-        "shard": [shards[i % len(shards)] for i in range(n)],
-        "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]})
+        "shard": [shards[i % len(shards)] for i in range(n)]}).with_columns(
+        texts, caption_sha256_series(texts))
 
 
 def settings(**overrides: Any) -> InstructionSettings:
@@ -132,7 +134,8 @@ def test_plan_caps_captions_per_shard_and_keeps_lineage():
     plan = plan_instructions(frame, settings(max_captions_per_shard=3))
     assert plan.group_by("shard").len().sort("shard").rows() == [("a", 3), ("b", 3)]
     assert plan["caption_id"].to_list() == ["cap0", "cap1", "cap2", "cap3", "cap4", "cap5"]
-    assert plan.columns == ["caption_id", "seed_id", "shard", "caption", "task_type", "n_turns"]
+    assert plan.columns == ["caption_id", "caption_sha256", "seed_id", "shard", "caption",
+                            "task_type", "n_turns"]
     assert plan_instructions(frame, settings()).height == 10
     assert plan_instructions(frame, settings()).equals(plan_instructions(frame, settings()))
 

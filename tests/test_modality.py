@@ -16,6 +16,7 @@ from PIL import Image
 from dagster_project.partitions import SEED_SHARDS
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.modality import ModalityStatistics
+from unicorn_assets.logic.text import caption_sha256
 from unicorn_assets.seeds import read_caption_seeds
 from unicorn_assets.stage1 import expand_captions
 from unicorn_assets.stage3 import (
@@ -36,6 +37,8 @@ def unit_rows(n: int, seed: int, offset: float = 0.3) -> np.ndarray:
 
 def shard_frame(shard: str, vectors: np.ndarray, model: str = "m") -> pl.DataFrame:
     captions = pl.DataFrame({"caption_id": [f"{shard}-{i}" for i in range(len(vectors))],
+                             "caption_sha256": [caption_sha256(f"{shard}-{i}")
+                                                for i in range(len(vectors))],
                              "shard": shard})
     return modality.caption_embeddings_frame(captions, vectors, model)
 

@@ -31,6 +31,7 @@ from unicorn_assets.logic.instructions import (
     plan_instructions,
     well_formed,
 )
+from unicorn_assets.logic.text import caption_sha256
 from unicorn_assets.seeds import read_caption_seeds, seed_checks
 from unicorn_assets.stage1 import expand_captions, stage1_checks
 from unicorn_assets.stage2 import make_instructions, stage2_checks
@@ -247,7 +248,8 @@ def test_real_model_with_json_schema_decoding(tmp_path):
     What it says is weak (a 135M model); the record rules decide what is kept."""
     rows = coco_captions(2, offset=30)
     captions = pl.DataFrame({"caption_id": [str(r["id"]) for r in rows], "seed_id": ["s"] * 2,
-                             "shard": ["a"] * 2, "caption": [r["caption"] for r in rows]})
+                             "shard": ["a"] * 2, "caption": [r["caption"] for r in rows],
+                             "caption_sha256": [caption_sha256(r["caption"]) for r in rows]})
     settings = InstructionSettings(task_mix={"question_answering": 1, "multiple_choice": 1},
                                    turns={t: (1, 1) for t in TASK_TYPES}, max_attempts=2)
     plan = plan_instructions(captions, settings)

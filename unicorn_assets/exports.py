@@ -1,6 +1,9 @@
 """Corpus-wide exports a VLM trainer loads: `pretrain_dataset` (brief-description caption records)
 and `instruct_dataset` (Stage 2 conversations), each pointing to its transferred embedding.
 A caption whose exact text is also in an earlier shard (sorted key order) is left out of both.
+Records join their embedding on caption_id AND caption_sha256, and an export refuses to publish
+while any caption, instruction record or embedding was made from another text (see
+logic/pairing.py); the blocking check `caption_pairing` stops the corpus job before it.
 
 Each export is built in a staging folder, verified, then swapped in whole for the previous one.
 See unicorn_assets/load_example.py for how a trainer reads it.
@@ -17,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
 from unicorn_assets.checks import to_result
-from unicorn_assets.logic import export
+from unicorn_assets.logic import export, pairing
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.quality import Outcome
@@ -58,6 +61,15 @@ def export_folder(io_manager: ParquetIOManager, export_dir: str) -> export.Expor
 
 def distinct(frame: pl.LazyFrame, column: str) -> list[str]:
     return sorted(frame.select(pl.col(column).unique()).collect()[column].drop_nulls().to_list())
+
+
+def refuse_mispaired(dataset: str, captions: pl.LazyFrame,
+                     tables: dict[str, pl.LazyFrame]) -> None:
+    """Raise, naming the shards to re-run, when the stored captions and what was made from them
+    disagree: the export would pair a text with an embedding or dialogue of another text."""
+    outcome = pairing.outcome(pairing.find_problems(captions, tables))
+    if not outcome.passed:
+        raise ValueError(f"{dataset} not published: {outcome.description}")
 
 
 def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager,
@@ -112,8 +124,10 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
 )
 def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportConfig,
                      io_manager: Storage, expanded_captions: pl.LazyFrame,
-                     transferred_embeddings: pl.LazyFrame,
+                     caption_embeddings: pl.LazyFrame, transferred_embeddings: pl.LazyFrame,
                      modality_statistics: pl.DataFrame) -> dg.MaterializeResult:
+    refuse_mispaired("pretrain_dataset", expanded_captions, {
+        "caption_embeddings": caption_embeddings, "transferred_embeddings": transferred_embeddings})
     prompts = load_lines(config.prompts)
     digest = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:12]
     records, dropped = export.drop_duplicate_captions(
@@ -133,8 +147,12 @@ def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportCo
 )
 def instruct_dataset(context: dg.AssetExecutionContext, config: InstructExportConfig,
                      io_manager: Storage, instructions: pl.LazyFrame,
-                     expanded_captions: pl.LazyFrame, transferred_embeddings: pl.LazyFrame,
+                     expanded_captions: pl.LazyFrame, caption_embeddings: pl.LazyFrame,
+                     transferred_embeddings: pl.LazyFrame,
                      modality_statistics: pl.DataFrame) -> dg.MaterializeResult:
+    refuse_mispaired("instruct_dataset", expanded_captions, {
+        "instructions": instructions, "caption_embeddings": caption_embeddings,
+        "transferred_embeddings": transferred_embeddings})
     kept, dropped = export.drop_duplicate_captions(instructions, expanded_captions)
     task_types = dict(kept.group_by("task_type").len().collect().sort("task_type").iter_rows())
     return build_export(
@@ -173,5 +191,26 @@ def export_checks(asset: str) -> list[dg.AssetChecksDefinition]:
     ]
 
 
+@dg.asset_check(
+    asset="transferred_embeddings", name="caption_pairing", blocking=True,
+    additional_ins={"expanded_captions": dg.AssetIn("expanded_captions"),
+                    "instructions": dg.AssetIn("instructions"),
+                    "caption_embeddings": dg.AssetIn("caption_embeddings")},
+    description="the exports' inputs pair: every caption embedding, shifted embedding and "
+    "instruction record was made from the exact text its caption holds now (caption_sha256), "
+    "and every caption has an embedding; a failure names the shards to re-run")
+def caption_pairing(context: dg.AssetCheckExecutionContext,
+                    transferred_embeddings: pl.LazyFrame, expanded_captions: pl.LazyFrame,
+                    instructions: pl.LazyFrame, caption_embeddings: pl.LazyFrame
+                    ) -> dg.AssetCheckResult:
+    outcome = pairing.outcome(pairing.find_problems(expanded_captions, {
+        "caption_embeddings": caption_embeddings, "instructions": instructions,
+        "transferred_embeddings": transferred_embeddings}))
+    if not outcome.passed:  # in the run log too, so a command-line run shows the fix
+        context.log.error(outcome.description)
+    return to_result(outcome)
+
+
 export_assets = [pretrain_dataset, instruct_dataset]
-export_asset_checks = [*export_checks("pretrain_dataset"), *export_checks("instruct_dataset")]
+export_asset_checks = [caption_pairing, *export_checks("pretrain_dataset"),
+                       *export_checks("instruct_dataset")]

@@ -8,7 +8,7 @@ import polars as pl
 
 from dagster_project.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks
-from unicorn_assets.logic import quality
+from unicorn_assets.logic import pairing, quality
 from unicorn_assets.logic.expansion import (
     CAPTION_REJECT_SCHEMA,
     CAPTION_SCHEMA,
@@ -24,9 +24,10 @@ from unicorn_assets.metadata import add_shard_metadata, frame_metadata
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 
-# Bumped when caption ids change (2: qualified by the shard), so the nightly run regenerates
-# shards made before; their LLM requests are unchanged, so the response cache answers them.
-CAPTION_ID_VERSION = "ids-2"
+# Bumped when caption ids or their keys change (2: qualified by the shard; 3: a caption_sha256
+# column), so the nightly run regenerates shards made before; their LLM requests are unchanged,
+# so the response cache answers them.
+CAPTION_ID_VERSION = "ids-3"
 UNTRAINED_NOTE = "stand-in model: its text is meaningless, for tests and overhead benchmarks only"
 
 
@@ -131,13 +132,17 @@ expanded_captions_reject_rate = reject_rate_check(
 
 stage1_checks = [
     *standard_checks("expanded_captions", schema=CAPTION_SCHEMA, id_column="caption_id",
-                     required=["caption_id", "seed_id", "caption", "model_id", "prompt_version"]),
+                     required=["caption_id", "seed_id", "caption", "caption_sha256", "model_id",
+                               "prompt_version"]),
     expanded_captions_reject_rate,
     frame_check("expanded_captions", "caption_length",
                 lambda df, q: quality.length_distribution(
                     df["n_words"], q.caption_min_median_words, q.caption_max_median_words,
                     q.caption_max_p95_words),
                 blocking=True, description="median and p95 caption length in words within bounds"),
+    frame_check("expanded_captions", "caption_digest",
+                lambda df, q: pairing.digests_match_text(df), blocking=True,
+                description="caption_sha256 is the SHA-256 of the caption text, on every row"),
     frame_check("expanded_captions", "near_duplicate_rate",
                 lambda df, q: quality.near_duplicate_rate(
                     df["caption"].to_list(), q.near_duplicate_threshold, q.max_near_duplicate_rate),

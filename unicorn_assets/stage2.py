@@ -237,8 +237,8 @@ def _multiple_choice(frame: pl.DataFrame) -> pl.DataFrame:
 
 stage2_checks = [
     *standard_checks("instructions", schema=INSTRUCTION_SCHEMA, id_column="id",
-                     required=["id", "caption_id", "seed_id", "task_type", "conversations",
-                               "model_id", "prompt_version"]),
+                     required=["id", "caption_id", "caption_sha256", "seed_id", "task_type",
+                               "conversations", "model_id", "prompt_version"]),
     instructions_reject_rate,
     instructions_json_validity,
     frame_check("instructions", "task_mix", task_mix_outcome, blocking=False,

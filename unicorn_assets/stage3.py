@@ -91,7 +91,8 @@ def _unit_norms(df: pl.DataFrame, q: QualityGates) -> Outcome:
 
 stage3_shard_checks = [
     *standard_checks("caption_embeddings", schema=modality.CAPTION_EMBEDDING_SCHEMA,
-                     id_column="caption_id", required=["caption_id", "shard", "model_id"]),
+                     id_column="caption_id",
+                     required=["caption_id", "caption_sha256", "shard", "model_id"]),
     caption_embeddings_dimension,
     caption_embeddings_row_alignment,
     frame_check("caption_embeddings", "finite", lambda df, q: modality.finite(modality.summarise(df)),

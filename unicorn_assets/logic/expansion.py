@@ -11,7 +11,13 @@ import polars as pl
 
 from unicorn_assets.logic.dedup import exact_duplicate_mask, near_duplicate_mask
 from unicorn_assets.logic.prompts import PromptSet, load_lines
-from unicorn_assets.logic.text import normalise_ws, stable_id, stable_int, words
+from unicorn_assets.logic.text import (
+    caption_sha256_series,
+    normalise_ws,
+    stable_id,
+    stable_int,
+    words,
+)
 
 CAPTION_SCHEMA = pl.Schema(
     {
@@ -20,6 +26,7 @@ CAPTION_SCHEMA = pl.Schema(
         "shard": pl.String,
         "seed_caption": pl.String,
         "caption": pl.String,
+        "caption_sha256": pl.String,  # of the exact caption text: the key pairing all that follows
         "style": pl.String,
         "expansion_index": pl.Int32,
         "model_id": pl.String,
@@ -95,9 +102,10 @@ def assemble_captions(plan: pl.DataFrame, completions: Sequence, model_id: str,
                       prompts: PromptSet, sampling: dict) -> pl.DataFrame:
     if len(completions) != plan.height:
         raise ValueError(f"{len(completions)} completions for {plan.height} requests")
-    texts = [clean_completion(c.text, c.finish_reason) for c in completions]
+    texts = pl.Series("caption", [clean_completion(c.text, c.finish_reason) for c in completions],
+                      dtype=pl.String)
     frame = plan.with_columns(
-        pl.Series("caption", texts, dtype=pl.String),
+        texts, caption_sha256_series(texts),
         pl.lit(model_id).alias("model_id"),
         pl.lit(prompts.ref).alias("prompt_version"),
         pl.lit(prompts.digest).alias("prompt_digest"),

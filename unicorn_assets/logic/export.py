@@ -4,7 +4,8 @@ embedding in safetensors shards, an index record id -> (file, row), and manifest
 Layout of one export folder:
     manifest.json                    counts (records, embeddings, duplicates_dropped), models,
                                      versions, sha256 and size of every file
-    records.jsonl                    {"id", "caption_id", ..., "conversations", "embedding": {"file", "row"}}
+    records.jsonl                    {"id", "caption_id", "caption_sha256", ..., "conversations",
+                                      "embedding": {"file", "row"}}
     index.parquet                    id, file, row (random access by id)
     embeddings/embeddings-00000.safetensors   tensor "embeddings": float32 (rows, dim)
     modality_statistics.safetensors  mu_text (and mu_image): the shift that was applied
@@ -34,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.numpy import save_file
 
 from unicorn_assets.logic.modality import ModalityStatistics, iter_vectors
+from unicorn_assets.logic.pairing import DIGEST
 from unicorn_assets.logic.quality import Outcome
 
 EXPORT_FORMAT = "unicorn-export/1"
@@ -41,18 +43,25 @@ TENSOR = "embeddings"
 RECORDS, INDEX, MANIFEST, STATISTICS = ("records.jsonl", "index.parquet", "manifest.json",
                                         "modality_statistics.safetensors")
 TURN = pl.Struct({"from": pl.String, "value": pl.String})
+PAIR = ["caption_id", DIGEST]  # a record and an embedding pair only when both are equal
+
+
+def pair_key() -> pl.Expr:
+    """caption_id and caption_sha256 as one string (null when either is), for streamed filters."""
+    return pl.concat_str("caption_id", pl.lit("\x1f"), DIGEST)
 
 
 def pretrain_records(captions: pl.LazyFrame, prompts: Sequence[str]) -> pl.LazyFrame:
     """One LLaVA pretraining record per caption: a brief-description prompt (picked by the
-    caption id, so a re-export picks the same one) and the caption as the answer."""
+    caption id, so a re-export picks the same one) and the caption as the answer, with the
+    caption's digest (the record's embedding must carry the same)."""
     if not prompts:
         raise ValueError("no brief-description prompts to choose from")
     pick = (pl.col("caption_id").str.slice(0, 8).str.to_integer(base=16, strict=False)
             .fill_null(0) % len(prompts))
     prompt = pick.replace_strict(dict(enumerate(prompts)), return_dtype=pl.String)
     return captions.select(
-        pl.col("caption_id").alias("id"), "caption_id",
+        pl.col("caption_id").alias("id"), "caption_id", DIGEST,
         pl.concat_list(
             pl.struct(pl.lit("human").alias("from"), (pl.lit("<image>\n") + prompt).alias("value")),
             pl.struct(pl.lit("gpt").alias("from"), pl.col("caption").alias("value")),
@@ -61,7 +70,7 @@ def pretrain_records(captions: pl.LazyFrame, prompts: Sequence[str]) -> pl.LazyF
 
 
 def instruct_records(instructions: pl.LazyFrame) -> pl.LazyFrame:
-    return instructions.select("id", "caption_id", "task_type", "conversations")
+    return instructions.select("id", "caption_id", DIGEST, "task_type", "conversations")
 
 
 def duplicate_caption_ids(captions: pl.LazyFrame) -> pl.Series:
@@ -96,16 +105,17 @@ class _ShardWriter:
         self.folder, self.metadata = folder, metadata
         self.buffer = np.empty((rows_per_file, dim), dtype=np.float32)
         self.filled = 0
-        self.ids: list[pl.Series] = []
+        self.ids: list[pl.DataFrame] = []
         self.pointers: list[pl.DataFrame] = []
         self.rows: dict[str, int] = {}
 
-    def add(self, vectors: np.ndarray, caption_ids: pl.Series) -> None:
+    def add(self, vectors: np.ndarray, keys: pl.DataFrame) -> None:
+        """`keys`: the caption_id and caption_sha256 of each row of `vectors`."""
         start = 0
         while start < len(vectors):
             take = min(len(self.buffer) - self.filled, len(vectors) - start)
             self.buffer[self.filled : self.filled + take] = vectors[start : start + take]
-            self.ids.append(caption_ids.slice(start, take))
+            self.ids.append(keys.slice(start, take))
             self.filled += take
             start += take
             if self.filled == len(self.buffer):
@@ -119,9 +129,9 @@ class _ShardWriter:
         save_file({TENSOR: self.buffer[: self.filled]}, str(self.folder / name),
                   metadata=self.metadata)
         self.rows[name] = self.filled
-        self.pointers.append(pl.DataFrame({
-            "caption_id": pl.concat(self.ids), "file": pl.Series([name] * self.filled, dtype=pl.String),
-            "row": pl.Series(np.arange(self.filled), dtype=pl.Int64)}))
+        self.pointers.append(pl.concat(self.ids).select(PAIR).with_columns(
+            pl.Series("file", [name] * self.filled, dtype=pl.String),
+            pl.Series("row", np.arange(self.filled), dtype=pl.Int64)))
         self.filled, self.ids = 0, []
 
 
@@ -135,24 +145,27 @@ class WrittenExport:
 def write_export(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
                  stats: ModalityStatistics, rows_per_file: int) -> WrittenExport:
     """Write the embeddings the records use, then the records and the index, into `folder`.
+    A record uses the embedding of equal caption_id AND caption_sha256: an embedding of another
+    text never pairs (the record is left without one, which records_resolve refuses).
     Refuses embeddings shifted with any statistics but `stats` (the export's single version)."""
-    # a filter on the (small) set of used ids streams; a semi join would buffer the embeddings
-    ids = records.select(pl.col("caption_id").unique()).collect()["caption_id"]
-    used = embeddings.filter(pl.col("caption_id").is_in(ids.implode()))
+    # a filter on the (small) set of used keys streams; a semi join would buffer the embeddings
+    keys = records.select(pair_key().unique().alias("key")).collect()["key"].drop_nulls()
+    used = embeddings.filter(pair_key().is_in(keys.implode()))
     writer = _ShardWriter(folder, rows_per_file, stats.dim, {
         "statistics_version": stats.version, "model_id": stats.model_id, "dim": str(stats.dim)})
     versions: set[str] = set()
-    for vectors, rest in iter_vectors(used, "caption_id", "statistics_version"):
+    for vectors, rest in iter_vectors(used, *PAIR, "statistics_version"):
         versions.update(rest["statistics_version"].unique().to_list())
-        writer.add(vectors, rest["caption_id"])
+        writer.add(vectors, rest)
     writer.flush()
     if versions - {stats.version}:
         raise ValueError(f"transferred_embeddings holds rows shifted with statistics "
                          f"{sorted(versions - {stats.version})}, not the current {stats.version}: "
                          "re-materialise transferred_embeddings before exporting")
     pointers = (pl.concat(writer.pointers) if writer.pointers else
-                pl.DataFrame(schema={"caption_id": pl.String, "file": pl.String, "row": pl.Int64}))
-    joined = records.join(pointers.lazy(), on="caption_id", how="left", maintain_order="left")
+                pl.DataFrame(schema={"caption_id": pl.String, DIGEST: pl.String, "file": pl.String,
+                                     "row": pl.Int64}))
+    joined = records.join(pointers.lazy(), on=PAIR, how="left", maintain_order="left")
     pl.collect_all([
         joined.with_columns(pl.struct("file", "row").alias("embedding")).drop("file", "row")
         .sink_ndjson(folder / RECORDS, lazy=True),

@@ -35,6 +35,7 @@ REJECT_REASONS = JSON_REASONS + RULE_REASONS
 CONVERSATION = pl.List(pl.Struct({"from": pl.String, "value": pl.String}))
 _LINEAGE = {
     "caption_id": pl.String,
+    "caption_sha256": pl.String,  # copied from the caption row the record was made from
     "seed_id": pl.String,
     "shard": pl.String,
     "task_type": pl.String,
@@ -173,21 +174,23 @@ def attempt_seed(base_seed: int, caption_id: str, attempt: int) -> int:
 
 def plan_instructions(captions: pl.DataFrame, settings: InstructionSettings) -> pl.DataFrame:
     """One row per record to make: the caption, its task type and its number of turns. With
-    `max_captions_per_shard`, only the first N captions of each shard are used."""
+    `max_captions_per_shard`, only the first N captions of each shard are used. Each row keeps
+    the caption's `caption_sha256`, so the record says which text it is about."""
     shares = settings.shares()
     if settings.max_captions_per_shard is not None:
         captions = captions.filter(
             pl.int_range(pl.len()).over("shard") < settings.max_captions_per_shard)
     rows = []
-    for caption_id, seed_id, shard, caption in captions.select(
-            "caption_id", "seed_id", "shard", "caption").iter_rows():
+    for caption_id, digest, seed_id, shard, caption in captions.select(
+            "caption_id", "caption_sha256", "seed_id", "shard", "caption").iter_rows():
         task = draw_task_type(caption_id, shares, settings.base_seed)
-        rows.append({"caption_id": caption_id, "seed_id": seed_id, "shard": shard,
-                     "caption": caption, "task_type": task,
+        rows.append({"caption_id": caption_id, "caption_sha256": digest, "seed_id": seed_id,
+                     "shard": shard, "caption": caption, "task_type": task,
                      "n_turns": draw_turns(caption_id, settings.turns[task], settings.base_seed)})
-    return pl.DataFrame(rows, schema={"caption_id": pl.String, "seed_id": pl.String,
-                                      "shard": pl.String, "caption": pl.String,
-                                      "task_type": pl.String, "n_turns": pl.Int32})
+    return pl.DataFrame(rows, schema={"caption_id": pl.String, "caption_sha256": pl.String,
+                                      "seed_id": pl.String, "shard": pl.String,
+                                      "caption": pl.String, "task_type": pl.String,
+                                      "n_turns": pl.Int32})
 
 
 def load_prompts(version: str) -> dict[str, PromptSet]:

@@ -27,17 +27,21 @@ def embedding_dtype(dim: int) -> pl.Array:
     return pl.Array(pl.Float32, dim)
 
 
-CAPTION_EMBEDDING_SCHEMA = pl.Schema({"caption_id": pl.String, "shard": pl.String,
-                                      "model_id": pl.String})  # + embedding: Array(Float32, dim)
-TRANSFERRED_SCHEMA = pl.Schema({"caption_id": pl.String, "shard": pl.String,
-                                "shift_norm": pl.Float32, "statistics_version": pl.String})
+# caption_sha256: copied from the caption row the embedding was made from (never recomputed)
+CAPTION_EMBEDDING_SCHEMA = pl.Schema({"caption_id": pl.String, "caption_sha256": pl.String,
+                                      "shard": pl.String, "model_id": pl.String})
+# + embedding: Array(Float32, dim)
+TRANSFERRED_SCHEMA = pl.Schema({"caption_id": pl.String, "caption_sha256": pl.String,
+                                "shard": pl.String, "shift_norm": pl.Float32,
+                                "statistics_version": pl.String})
 
 
 def caption_embeddings_frame(captions: pl.DataFrame, vectors: np.ndarray, model_id: str) -> pl.DataFrame:
-    """One row per caption, in caption order: ids, shard, encoder and its float32 vector."""
+    """One row per caption, in caption order: id, the caption's text digest, shard, encoder and
+    its float32 vector."""
     if vectors.shape[0] != captions.height:
         raise ValueError(f"{vectors.shape[0]} embeddings for {captions.height} captions")
-    return captions.select("caption_id", "shard").with_columns(
+    return captions.select("caption_id", "caption_sha256", "shard").with_columns(
         pl.lit(model_id).alias("model_id"),
         pl.Series(EMBEDDING, vectors.astype(np.float32, copy=False), dtype=embedding_dtype(vectors.shape[1])),
     )
@@ -204,7 +208,7 @@ def transfer(embeddings: pl.LazyFrame, stats: ModalityStatistics) -> pl.LazyFram
     shifted = pl.col(EMBEDDING) - pl.lit(offset)
     norm = (shifted * shifted).arr.sum().sqrt()
     return embeddings.select(
-        "caption_id", "shard",
+        "caption_id", "caption_sha256", "shard",
         (shifted / norm).alias(EMBEDDING),
         norm.cast(pl.Float32).alias("shift_norm"),
         pl.lit(stats.version).alias("statistics_version"),

@@ -30,6 +30,19 @@ def stable_int(*parts: object) -> int:
     return int(stable_id(*parts, length=8), 16) & 0x7FFFFFFF
 
 
+def caption_sha256(text: str) -> str:
+    """Hex SHA-256 of the exact caption text (UTF-8): the content key that pairs a caption with
+    everything made from it. Computed here only, when Stage 1 writes the caption; instructions and
+    embeddings copy it from the caption row they were made from, and the exports join on it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def caption_sha256_series(texts: pl.Series) -> pl.Series:
+    """`caption_sha256` of every text of a column (null stays null)."""
+    return pl.Series("caption_sha256", [None if t is None else caption_sha256(t) for t in texts],
+                     dtype=pl.String)
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
