@@ -217,6 +217,19 @@ def test_a_catalog_held_for_the_whole_run_leaves_the_view_pending_and_warns(tmp_
     assert not any(io.catalog().pending_dir.iterdir())
 
 
+def test_a_pending_view_whose_files_are_gone_is_dropped(tmp_path: Path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    pl.DataFrame({"x": [1]}).write_parquet(folder / "one.parquet")
+    catalog = Catalog(str(tmp_path / "catalog.duckdb"))
+    catalog._add_pending("gone", f"{tmp_path}/gone/*.parquet")  # as a give-up leaves it
+    assert catalog.refresh_view("a", f"{folder}/*.parquet", ["x"])
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        assert [r[0] for r in con.execute("select view_name from duckdb_views() "
+                                          "where not internal").fetchall()] == ["a"]
+    assert not any(catalog.pending_dir.iterdir())
+
+
 def test_a_failed_catalog_refresh_leaves_every_view_as_it_was(tmp_path: Path):
     folder = tmp_path / "a"
     folder.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob as globlib
 import json
 import os
 import time
@@ -292,7 +293,12 @@ class Catalog:
     def _refresh(self, views: dict[str, str], columns: Collection[str] | None) -> bool:
         import duckdb
 
-        pending = self._pending()
+        pending = {}
+        for name, glob in self._pending().items():
+            if globlib.glob(glob):
+                pending[name] = glob
+            else:  # its files are gone since: nothing to show, and DuckDB would refuse the view
+                self._drop_pending(name, glob)
         if columns is not None and not pending:
             ((name, glob),) = views.items()
             if self._view_matches(name, glob, set(columns)):
