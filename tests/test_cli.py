@@ -2,8 +2,10 @@
 DAGSTER_HOME chosen by environment variables, the fake LLM chosen by UNICORN_LLM_BACKEND."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +14,7 @@ import polars as pl
 import pytest
 from conftest import coco_captions, write_jsonl
 
+from dagster_project.instance import open_instance
 from dagster_project.partitions import SEED_SHARDS
 
 UNICORN = str(Path(sys.executable).parent / "unicorn")
@@ -92,3 +95,34 @@ def test_materialize_refuses_an_unknown_shard(env, tmp_path: Path):
     assert out.returncode != 0
     assert "no seed file for shard(s) ['nope']" in out.stdout + out.stderr
     assert not Path(env["UNICORN_DATA_DIR"]).exists()
+
+
+def test_a_run_killed_mid_way_is_marked_failed_by_the_next_command(env, tmp_path: Path):
+    write_jsonl(Path(env["UNICORN_SEEDS"]) / "coco-a.jsonl", coco_captions(300))
+    proc = subprocess.Popen([UNICORN, "materialize", "--shard", "coco-a"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    home = Path(env["DAGSTER_HOME"])
+    try:
+        deadline = time.monotonic() + 240
+        with open_instance(home) as instance:  # under the lock the command takes too
+            while not (runs := instance.get_runs(dg.RunsFilter(
+                    statuses=[dg.DagsterRunStatus.STARTED]))):
+                assert proc.poll() is None, "the run ended before it was seen running"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            (run,) = runs
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+
+            out = unicorn(env, "register", cwd=tmp_path)
+            assert out.returncode == 0, out.stderr
+            assert f"run {run.run_id}" in out.stderr and f"pid {proc.pid}" in out.stderr
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+            (failure,) = instance.get_records_for_run(
+                run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+            assert f"pid {proc.pid} on host" in failure.event_log_entry.dagster_event.message
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

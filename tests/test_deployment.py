@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,7 +30,9 @@ from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 BIN = Path(sys.executable).parent
-SECRETS = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_PASSWORD": "minio-pw"}
+SECRETS = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_PASSWORD": "minio-pw",
+           "UNICORN_LLM_API_KEY": "llm-key"}
+COMPOSE_FILES = ("docker-compose.yaml", "docker-compose.gpu.yaml")
 
 
 def free_port() -> int:
@@ -85,10 +88,44 @@ def test_compose_gpu_profile_and_override_add_vllm_and_the_code_gpu():
         assert devices[0]["capabilities"] == ["gpu"]
 
 
-def test_compose_refuses_to_start_without_its_secrets():
-    result = compose_config("docker-compose.yaml", env={})
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(missing):
+    result = compose_config("docker-compose.yaml", env={k: v for k, v in SECRETS.items()
+                                                        if k != missing})
     assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr or "MINIO_ROOT_PASSWORD" in result.stderr
+    assert f"set {missing}" in result.stderr
+
+
+def test_compose_refuses_to_start_with_the_example_env_as_it_is():
+    """env.example, copied to .env unedited, must not start a stack with known secrets."""
+    env = dict(line.split("=", 1) for line in (DOCKER / "env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert {k: env[k] for k in SECRETS} == dict.fromkeys(SECRETS, "")
+    result = compose_config("docker-compose.yaml", env=env)
+    assert result.returncode != 0 and "set " in result.stderr
+
+
+def test_no_secret_has_a_default_and_every_image_is_pinned():
+    """Read from the files themselves, so it holds where no compose CLI is installed: each secret
+    is required (${NAME:?...}, or $${NAME}, the container's own variable), and every image names
+    a release: a tag with a version number, never `latest` or none."""
+    for name in COMPOSE_FILES:
+        text = (DOCKER / name).read_text()
+        assert "change-me" not in text, name
+        for secret in SECRETS:
+            uses = re.findall(r"(?<!\$)\$\{" + secret + r"([^}]*)\}", text)
+            assert all(use.startswith(":?") for use in uses), (name, secret, uses)
+        for service, spec in yaml.safe_load(text)["services"].items():
+            if "image" not in spec:
+                continue
+            image = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", spec["image"])  # its default
+            repository, _, tag = image.rpartition(":")
+            assert repository and "/" not in tag and tag != "latest", (name, service, image)
+            assert re.search(r"\d", tag), (name, service, image)
+    assert "change-me" not in (DOCKER / "env.example").read_text()
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.startswith("ARG PYTHON_VERSION="):
+            assert line.split("=")[1].count(".") == 2, line  # a patch release
 
 
 # --- Helm values ------------------------------------------------------------------------------------
@@ -115,6 +152,10 @@ def test_helm_values_follow_the_chart_schema_and_name_this_code_location():
     assert (ROOT / "dagster_project" / "profiles" / f"{profile}.yaml").is_file()
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["concurrency"]["pools"]["granularity"] == "op"
+    # The K8sRunLauncher checks run pods and resumes a lost one; then a failed run is retried.
+    monitoring, retries = (values["dagsterDaemon"][k] for k in ("runMonitoring", "runRetries"))
+    assert monitoring["enabled"] and monitoring["maxResumeRunAttempts"] >= 1
+    assert retries["enabled"] and retries["maxRetries"] >= 1
 
 
 @pytest.mark.parametrize("break_it", [
@@ -188,6 +229,11 @@ def test_the_shipped_dagster_yaml_loads_on_postgres(postgres, tmp_path, monkeypa
         assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
         pools = instance.get_concurrency_config().pool_config
         assert pools.default_pool_limit == 1 and pools.pool_granularity.value == "run"
+        # Run monitoring on: no run stays STARTED for ever (DefaultRunLauncher resumes nothing)
+        assert instance.run_monitoring_enabled and instance.run_retries_enabled
+        assert instance.run_monitoring_max_resume_run_attempts == 0
+        assert 0 < instance.run_monitoring_start_timeout_seconds <= 600
+        assert instance.run_monitoring_max_runtime_seconds > 0
         instance.add_dynamic_partitions("seed_shards", ["shard-a"])
         assert instance.get_dynamic_partitions("seed_shards") == ["shard-a"]
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -12,6 +14,7 @@ from conftest import make_resources
 from dagster._core.test_utils import create_run_for_test
 
 from dagster_project.automation import AutomationSettings, NightlySettings, build_nightly_schedule
+from dagster_project.instance import PID_TAG, fail_dead_runs, run_tags
 from dagster_project.partitions import SEED_SHARDS
 from dagster_project.staleness import (
     Stale,
@@ -146,6 +149,25 @@ def test_shards_with_a_run_in_flight_are_left_alone(fresh, instance):
     data = evaluate(defs, instance)
     assert data.run_requests == []
     assert "waiting" in data.skip_message  # the corpus waits for shard-c
+
+
+def test_a_corpus_run_whose_process_died_stops_holding_back_the_schedule(fresh, instance):
+    """A `unicorn` command killed mid-run leaves its run STARTED: the corpus waits for it for
+    ever, until the next command marks the run failed; then the corpus is requested again."""
+    defs, _, _ = fresh
+    job = defs.get_repository_def().get_job(defs.get_schedule_def("nightly_regeneration").job_name)
+    job.execute_in_process(instance=instance, partition_key="shard-b",
+                           asset_selection=sorted(STAGE1, key=str))  # the corpus is stale now
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = create_run_for_test(instance, job_name="unicorn_corpus_job",
+                                 status=dg.DagsterRunStatus.STARTED,
+                                 tags={**run_tags(), PID_TAG: str(gone.pid)})
+    assert evaluate(defs, instance).run_requests == []  # the "running" corpus run holds it back
+
+    assert [run.run_id for run, _ in fail_dead_runs(instance)] == [killed.run_id]
+    (request,) = evaluate(defs, instance).run_requests
+    assert request.asset_selection == [CORPUS]
 
 
 def test_due_work_is_grouped_into_contiguous_runs():

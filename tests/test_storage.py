@@ -1,6 +1,11 @@
 """Storage: atomic writes, one Parquet file per partition that a re-run replaces, the DuckDB
 catalog (queried through the duckdb Python API, without Dagster), and lazy loading."""
 
+import logging
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 from dagster_project.partitions import SEED_SHARDS, seed_shards
 from unicorn_resources.storage import (
     ROW_GROUP_ROWS,
+    Catalog,
+    CatalogLocked,
     ParquetIOManager,
     atomic_write,
     write_bytes,
@@ -125,6 +132,116 @@ def test_the_catalog_can_be_rebuilt_from_the_files(tmp_path: Path, instance):
         assert con.execute("select count(*) from corpus_count").fetchone() == (2,)
     with pytest.raises(ValueError, match="local storage only"):
         ParquetIOManager(base_uri="s3://bucket/x").rebuild_catalog()
+
+
+# ---------------------------------------------------------------- a catalog held by another process
+
+HOLD = ("import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('open', flush=True); "
+        "sys.stdin.readline(); con.close()")
+
+
+class CatalogHolder:
+    """Another process with the catalog open for writing, as a DuckDB shell has it: DuckDB locks
+    the file for as long as it is open."""
+
+    def __init__(self, path: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "open"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=30)
+
+
+def views(data: Path) -> dict[str, int]:
+    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+        names = [r[0] for r in con.execute("select view_name from duckdb_views() "
+                                           "where not internal").fetchall()]
+        return {n: con.execute(f'select count(*) from "{n}"').fetchone()[0] for n in names}
+
+
+def warnings_of(instance, result) -> list[str]:
+    return [e.user_message for e in instance.all_logs(result.run_id)
+            if e.level == logging.WARNING and e.dagster_event is None]
+
+
+def test_a_write_waits_for_a_catalog_held_open_then_creates_its_view(tmp_path: Path, instance):
+    data = tmp_path / "data"
+    data.mkdir()
+    instance.add_dynamic_partitions(SEED_SHARDS, ["a"])
+    ROWS.update(a=3)
+    holder = CatalogHolder(data / "catalog.duckdb")
+    timer = threading.Timer(2.0, holder.release)
+    timer.start()
+    try:
+        started = time.monotonic()
+        result = run(instance, data, [shard_rows], "a")
+        assert result.success and time.monotonic() - started >= 2.0  # it waited
+    finally:
+        timer.join()
+        holder.release()
+    assert views(data) == {"shard_rows": 3}
+    assert not warnings_of(instance, result)
+
+
+def test_a_catalog_held_for_the_whole_run_leaves_the_view_pending_and_warns(tmp_path: Path,
+                                                                            instance):
+    data = tmp_path / "data"
+    data.mkdir()
+    instance.add_dynamic_partitions(SEED_SHARDS, ["a"])
+    ROWS.update(a=2)
+    io = ParquetIOManager(base_uri=str(data), catalog_wait_seconds=0.5)
+    holder = CatalogHolder(data / "catalog.duckdb")
+    try:
+        result = dg.materialize([shard_rows], instance=instance, partition_key="a",
+                                resources={"io_manager": io})
+        assert result.success  # the data is written; only its view waits
+        (warning,) = warnings_of(instance, result)
+        assert "catalog view 'shard_rows' not refreshed" in warning
+        assert "locked by another process" in warning and "unicorn catalog" in warning
+        # `unicorn catalog` says the same, and fails, while the file is held
+        with pytest.raises(CatalogLocked, match="locked by another process"):
+            io.rebuild_catalog()
+    finally:
+        holder.release()
+    assert "shard_rows" not in views(data)
+    # The next write creates the pending view (and its own) once the lock is free.
+    result = dg.materialize([shard_rows.to_source_asset(), corpus_count], instance=instance,
+                            resources={"io_manager": io})
+    assert result.success and not warnings_of(instance, result)
+    assert views(data) == {"shard_rows": 2, "corpus_count": 1}
+    assert not any(io.catalog().pending_dir.iterdir())
+
+
+def test_a_pending_view_whose_files_are_gone_is_dropped(tmp_path: Path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    pl.DataFrame({"x": [1]}).write_parquet(folder / "one.parquet")
+    catalog = Catalog(str(tmp_path / "catalog.duckdb"))
+    catalog._add_pending("gone", f"{tmp_path}/gone/*.parquet")  # as a give-up leaves it
+    assert catalog.refresh_view("a", f"{folder}/*.parquet", ["x"])
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        assert [r[0] for r in con.execute("select view_name from duckdb_views() "
+                                          "where not internal").fetchall()] == ["a"]
+    assert not any(catalog.pending_dir.iterdir())
+
+
+def test_a_failed_catalog_refresh_leaves_every_view_as_it_was(tmp_path: Path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    pl.DataFrame({"x": [1, 2]}).write_parquet(folder / "one.parquet")
+    catalog = Catalog(str(tmp_path / "catalog.duckdb"))
+    catalog.refresh_views({"a": f"{folder}/*.parquet"})
+    with pytest.raises(duckdb.IOException, match="No files found"):  # b has no files yet
+        catalog.refresh_views({"a": f"{folder}/one.parquet", "b": f"{tmp_path}/b/*.parquet"})
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        (sql,) = con.execute("select sql from duckdb_views() where view_name = 'a'").fetchone()
+        assert f"{folder}/*.parquet" in sql  # not replaced: the transaction was rolled back
+        assert con.execute("select count(*) from a").fetchone() == (2,)
 
 
 def test_a_missing_partition_file_is_named(tmp_path: Path, instance):

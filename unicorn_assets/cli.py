@@ -17,14 +17,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _instance():
-    import dagster as dg
+    """The instance of DAGSTER_HOME, created under its lock; runs of this host whose process
+    died (killed, crashed) are marked failed first, with a line on stderr for each."""
+    from dagster_project.instance import fail_dead_runs, open_instance
 
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         home = str(Path(".dagster_home").resolve())
         os.environ["DAGSTER_HOME"] = home
     Path(home).mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.get()
+    instance = open_instance(home)
+    for run, message in fail_dead_runs(instance):
+        typer.secho(f"run {run.run_id} ({run.job_name}"
+                    + (f", shard {run.tags['dagster/partition']}"
+                       if "dagster/partition" in run.tags else "")
+                    + f") marked failed: {message}", fg=typer.colors.YELLOW, err=True)
+    return instance
+
+
+def _run_tags() -> dict[str, str]:
+    from dagster_project.instance import run_tags
+
+    return run_tags()
 
 
 def _defs():
@@ -39,15 +53,17 @@ def _defs():
 
 
 def _register(instance, defs) -> list[str]:
+    from dagster_project.instance import home_lock
     from dagster_project.partitions import SEED_SHARDS
 
     shards, problems = defs.resources["seeds"].shards()
     for problem in problems:
         typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
-    known = set(instance.get_dynamic_partitions(SEED_SHARDS))
-    new = [k for k in shards if k not in known]
-    if new:
-        instance.add_dynamic_partitions(SEED_SHARDS, new)
+    with home_lock(os.environ["DAGSTER_HOME"]):  # two commands never add the same key twice
+        known = set(instance.get_dynamic_partitions(SEED_SHARDS))
+        new = [k for k in shards if k not in known]
+        if new:
+            instance.add_dynamic_partitions(SEED_SHARDS, new)
     return sorted(shards)
 
 
@@ -81,7 +97,7 @@ def run_shards(keys: list[str] | None = None, job: str = "unicorn_shard_job") ->
     for key in keys:
         started = time.perf_counter()
         result = job_def.execute_in_process(instance=instance, partition_key=key,
-                                            raise_on_error=False)
+                                            raise_on_error=False, tags=_run_tags())
         runs[key] = {"run_id": result.run_id, "success": result.success,
                      "seconds": time.perf_counter() - started,
                      "failed_checks": _failed_checks(result)}
@@ -100,7 +116,8 @@ def run_corpus(job: str = "unicorn_corpus_job") -> dict:
     """Run the corpus-wide job (statistics, transfer, exports) over every shard."""
     started = time.perf_counter()
     result = _defs().resolve_job_def(job).execute_in_process(instance=_instance(),
-                                                             raise_on_error=False)
+                                                             raise_on_error=False,
+                                                             tags=_run_tags())
     metadata = {}
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
@@ -283,8 +300,15 @@ def backfill(shard: list[str] = typer.Option(None, help="shard key(s); default: 
 @app.command()
 def catalog() -> None:
     """Rebuild the DuckDB catalog: one view per asset over its Parquet files."""
+    from unicorn_resources.storage import CatalogLocked
+
     io = _defs().resources["io_manager"]
-    names = io.rebuild_catalog()
+    try:
+        names = io.rebuild_catalog()
+    except CatalogLocked as err:
+        typer.secho(f"catalog not rebuilt: {err}. Close the other DuckDB session (or wait for "
+                    "it), then run `unicorn catalog` again", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"{io.catalog().path}: {len(names)} view(s): {', '.join(names)}")
 
 
@@ -355,7 +379,7 @@ def synthvlm(shard: list[str] = typer.Option(None, help="shard key(s) to render;
                     "selection spans every shard", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(1)
     corpus = defs.get_job_def("synthvlm_corpus_job").execute_in_process(
-        instance=instance, raise_on_error=False)
+        instance=instance, raise_on_error=False, tags=_run_tags())
     ok = ok and corpus.success
     if _written(io, "synthvlm_selection"):
         chosen = pl.read_parquet(io.uri("synthvlm_selection"))

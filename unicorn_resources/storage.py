@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob as globlib
+import json
 import os
 import time
 import uuid
@@ -13,6 +15,7 @@ import dagster as dg
 import fsspec
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import Field
 
 
 class S3Options(dg.Config):
@@ -121,6 +124,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     base_uri: str = "data"
     s3: S3Options = S3Options()
     catalog_path: str | None = None  # DuckDB catalog of views; default <base>/catalog.duckdb (local)
+    # How long a write waits for a catalog that another process holds open before it leaves the
+    # view pending (created by the next write, or `unicorn catalog`) and warns.
+    catalog_wait_seconds: float = Field(default=15.0, ge=0.0, le=600.0)
 
     def uri(self, asset: str, partition: str | None = None) -> str:
         if partition is None:
@@ -188,7 +194,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         return f"{base}/{name}/*.parquet" if partitioned else f"{base}/{name}.parquet"
 
     def catalog(self) -> Catalog:
-        return Catalog(self.catalog_path or join(self.base_uri, "catalog.duckdb"))
+        return Catalog(self.catalog_path or join(self.base_uri, "catalog.duckdb"),
+                       self.catalog_wait_seconds)
 
     def rebuild_catalog(self) -> list[str]:
         """(Re)create the catalog view of every asset stored under a local base_uri."""
@@ -199,44 +206,147 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         views = {p.stem: False for p in base.glob("*.parquet")}
         views.update({d.name: True for d in base.iterdir()
                       if d.is_dir() and any(d.glob("*.parquet"))})
-        catalog = self.catalog()
-        for name, partitioned in views.items():
-            catalog.refresh_view(name, self._glob(name, partitioned))
+        self.catalog().refresh_views({name: self._glob(name, partitioned)
+                                      for name, partitioned in views.items()})
         return sorted(views)
+
+
+class CatalogLocked(RuntimeError):
+    """The catalog stayed locked by another process for the whole wait."""
+
+
+# Catalog path -> when a refresh last gave up on it. Within GIVE_UP_MEMORY seconds of that, a
+# refresh tries once and does not wait again: a catalog left open in a DuckDB shell would
+# otherwise cost every write of a run the whole wait.
+_GAVE_UP: dict[str, float] = {}
+GIVE_UP_MEMORY = 60.0
 
 
 class Catalog:
     """A DuckDB file of views over the Parquet files, so the data can be queried without Dagster:
-    `duckdb data/catalog.duckdb -c "select count(*) from expanded_captions"`."""
+    `duckdb data/catalog.duckdb -c "select count(*) from expanded_captions"`.
 
-    def __init__(self, path: str):
+    Another process holding the file (a DuckDB shell, a notebook: DuckDB locks the file while it is
+    open) makes a refresh wait, with backoff, up to `wait_seconds`. If it is still locked then, the
+    view is written down as pending (`<catalog>.pending/`) and the next refresh that gets the lock
+    creates it, with every other pending view, in the same transaction."""
+
+    def __init__(self, path: str, wait_seconds: float = 15.0):
         self.path = path
+        self.wait_seconds = wait_seconds
+
+    @property
+    def pending_dir(self) -> Path:
+        return Path(f"{self.path}.pending")
 
     def refresh_view(self, name: str, glob: str, columns: Collection[str] | None = None,
-                     log: Any = None, attempts: int = 20) -> bool:
+                     log: Any = None) -> bool:
         """(Re)create the view `name` over the files of `glob`; returns whether it did. Given the
         `columns` of the frame just written, only when the view is missing, reads another glob or
         has other columns: DuckDB finds the glob's files at query time, so a new file alone needs
-        nothing. The check reads the catalog only, never the Parquet files."""
+        nothing. The check reads the catalog only, never the Parquet files. Views left pending by
+        an earlier refresh are created with it. When the catalog stays locked, the view is left
+        pending and `log` (a run's log) gets a warning that names the fix."""
+        try:
+            return self._with_lock(lambda: self._refresh({name: glob}, columns))
+        except CatalogLocked as err:
+            self._add_pending(name, glob)
+            if log:
+                log.warning(f"catalog view {name!r} not refreshed: {err}. It is pending: the next "
+                            "write after the lock is released creates it, or run `unicorn catalog`")
+            return False
+
+    def refresh_views(self, views: dict[str, str]) -> None:
+        """(Re)create every view of {name: glob}, and the pending ones, in one transaction.
+        Raises CatalogLocked (the views are then left pending) when the catalog stays locked."""
+        try:
+            self._with_lock(lambda: self._refresh(views, None))
+        except CatalogLocked:
+            for name, glob in views.items():
+                self._add_pending(name, glob)
+            raise
+
+    def _with_lock(self, attempt: Callable[[], bool]) -> bool:
         import duckdb
 
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        sql = (f'create or replace view "{name}" as select * from '
-               f"read_parquet('{glob}', union_by_name = true)")
-        for attempt in range(attempts):
+        gave_up = _GAVE_UP.get(self.path)
+        recently = gave_up is not None and time.monotonic() - gave_up < GIVE_UP_MEMORY
+        deadline = time.monotonic() + (0.0 if recently else self.wait_seconds)
+        delay = 0.05
+        while True:
             try:
-                if columns is not None and self._view_matches(name, glob, set(columns)):
-                    return False
-                with duckdb.connect(self.path) as con:
-                    con.execute(sql)
-                return True
-            except duckdb.IOException as err:  # another process holds the catalog's write lock
-                if attempt == attempts - 1:
-                    if log:
-                        log.warning(f"catalog view {name!r} not refreshed ({err}); "
-                                    "run `unicorn catalog` to rebuild it")
-                    return False
-                time.sleep(0.25)
+                done = attempt()
+                _GAVE_UP.pop(self.path, None)
+                return done
+            except duckdb.IOException as err:
+                if "lock" not in str(err).lower():
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _GAVE_UP[self.path] = time.monotonic()
+                    raise CatalogLocked(f"{self.path} is locked by another process "
+                                        f"({str(err).splitlines()[0]})") from err
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 2.0)
+
+    def _refresh(self, views: dict[str, str], columns: Collection[str] | None) -> bool:
+        import duckdb
+
+        pending = {}
+        for name, glob in self._pending().items():
+            if globlib.glob(glob):
+                pending[name] = glob
+            else:  # its files are gone since: nothing to show, and DuckDB would refuse the view
+                self._drop_pending(name, glob)
+        if columns is not None and not pending:
+            ((name, glob),) = views.items()
+            if self._view_matches(name, glob, set(columns)):
+                return False
+        todo = {**pending, **views}
+        with duckdb.connect(self.path) as con:
+            # One transaction: a failure part-way leaves every view as it was, none dropped.
+            con.execute("begin transaction")
+            try:
+                for name, glob in todo.items():
+                    con.execute(f"create or replace view {_ident(name)} as select * from "
+                                f"read_parquet({_literal(glob)}, union_by_name = true)")
+                con.execute("commit")
+            except BaseException:
+                con.execute("rollback")
+                raise
+        for name, glob in pending.items():
+            self._drop_pending(name, glob)
+        return True
+
+    def _pending_file(self, name: str) -> Path:
+        return self.pending_dir / f"{name.encode().hex()}.json"
+
+    def _pending(self) -> dict[str, str]:
+        out = {}
+        if self.pending_dir.is_dir():
+            for path in sorted(self.pending_dir.glob("*.json")):
+                try:
+                    entry = json.loads(path.read_text())
+                    out[entry["name"]] = entry["glob"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # half-written by a crash: the next give-up rewrites it
+        return out
+
+    def _add_pending(self, name: str, glob: str) -> None:
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        target = self._pending_file(name)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps({"name": name, "glob": glob}))
+        os.replace(tmp, target)
+
+    def _drop_pending(self, name: str, glob: str) -> None:
+        path = self._pending_file(name)
+        try:
+            if json.loads(path.read_text()).get("glob") == glob:  # not re-pended since
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
     def _view_matches(self, name: str, glob: str, columns: set[str]) -> bool:
         import duckdb
@@ -246,11 +356,19 @@ class Catalog:
         with duckdb.connect(self.path, read_only=True) as con:  # readers may share it
             view = con.execute("select sql from duckdb_views() where view_name = ? and "
                                "schema_name = 'main'", [name]).fetchone()
-            if view is None or f"'{glob}'" not in view[0]:
+            if view is None or _literal(glob) not in view[0]:
                 return False
             found = con.execute("select column_name from duckdb_columns() where table_name = ? "
                                 "and schema_name = 'main'", [name]).fetchall()
         return {row[0] for row in found} == columns
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
