@@ -14,6 +14,8 @@ import fsspec
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
+from unicorn_assets.logic.keys import UnsafeKeyError, key_path, key_problem
+
 
 class S3Options(dg.Config):
     """Connection settings for s3:// URIs; each may be an `EnvVar`. Unset values fall back to the
@@ -60,6 +62,20 @@ class S3Options(dg.Config):
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+class UnsafeKeyFailure(dg.Failure, UnsafeKeyError):
+    """An unsafe partition key as a step sees it: the step fails at once, with no retry (a retry
+    cannot make a key safe)."""
+
+
+def partition_path(folder: str, key: str, suffix: str = "") -> str:
+    """`<folder>/<key><suffix>` through the key gate (unicorn_assets.logic.keys.key_path), for
+    Dagster code: an unsafe key fails the step before anything is read or written."""
+    try:
+        return key_path(folder, key, suffix)
+    except UnsafeKeyError as err:
+        raise UnsafeKeyFailure(description=str(err), allow_retries=False) from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -123,9 +139,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     catalog_path: str | None = None  # DuckDB catalog of views; default <base>/catalog.duckdb (local)
 
     def uri(self, asset: str, partition: str | None = None) -> str:
+        """The file of `asset` (of one partition); a partition key goes through the key gate."""
         if partition is None:
             return join(self.base_uri, f"{asset}.parquet")
-        return join(self.base_uri, asset, f"{partition}.parquet")
+        return partition_path(join(self.base_uri, asset), partition, ".parquet")
 
     def _name(self, key: dg.AssetKey) -> str:
         return "__".join(key.path)
@@ -148,11 +165,12 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         else:
             frames = {None: obj}
         uris = []
+        targets = {partition: self.uri(name, partition) for partition in frames}  # keys first
         for partition, frame in frames.items():
             if not isinstance(frame, (pl.DataFrame, pl.LazyFrame)):
                 raise TypeError(f"{name}: ParquetIOManager stores polars DataFrames, got "
                                 f"{type(frame).__name__}")
-            uri = self.uri(name, partition)
+            uri = targets[partition]
             fs, path = self.s3.fs(uri)
             write_parquet(fs, path, frame)
             uris.append(uri)
@@ -191,7 +209,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         return Catalog(self.catalog_path or join(self.base_uri, "catalog.duckdb"))
 
     def rebuild_catalog(self) -> list[str]:
-        """(Re)create the catalog view of every asset stored under a local base_uri."""
+        """(Re)create the catalog view of every asset stored under a local base_uri. A file or
+        folder whose name breaks the key rule (a hidden temporary, a stray name) is no asset of
+        ours and gets no view, so no name from the folder reaches the catalog's SQL unchecked."""
         base = Path(self.base_uri)
         if "://" in self.base_uri or not base.is_dir():
             raise ValueError(f"no local data under {self.base_uri}; the DuckDB catalog covers "
@@ -199,6 +219,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         views = {p.stem: False for p in base.glob("*.parquet")}
         views.update({d.name: True for d in base.iterdir()
                       if d.is_dir() and any(d.glob("*.parquet"))})
+        views = {name: partitioned for name, partitioned in views.items()
+                 if key_problem(name) is None}
         catalog = self.catalog()
         for name, partitioned in views.items():
             catalog.refresh_view(name, self._glob(name, partitioned))
