@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import polars as pl
 import pytest
 from conftest import coco_captions, make_resources, materialize_shard, write_jsonl
@@ -226,3 +227,22 @@ def test_synthvlm_image_folders_go_through_the_gate(tmp_path: Path, instance):
                          io_manager=resources["io_manager"], synthvlm_candidates=candidates)
     assert isinstance(err.value, dg.Failure) and not err.value.allow_retries
     assert snapshot(tmp_path) == before
+
+
+def test_the_catalog_makes_views_of_safe_names_only(tmp_path: Path):
+    """Folder and file names under the data folder reach the catalog's SQL as view names: one
+    that breaks the key rule (a quote, a hidden temporary) is no asset and gets no view."""
+    data = tmp_path / "data"
+    frame = pl.DataFrame({"caption": [c["caption"] for c in coco_captions(2)]})
+    for path in (data / "shard_rows" / "a.parquet", data / "corpus.parquet",
+                 data / 'x" as select 1; drop view "corpus' / "a.parquet",
+                 data / ".corpus.parquet"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(path)
+    io = ParquetIOManager(base_uri=str(data))
+    assert io.rebuild_catalog() == ["corpus", "shard_rows"]
+    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+        views = {row[0] for row in con.execute("select view_name from duckdb_views() "
+                                               "where not internal").fetchall()}
+        assert views == {"corpus", "shard_rows"}
+        assert con.execute("select count(*) from corpus").fetchone() == (2,)
