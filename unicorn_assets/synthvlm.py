@@ -31,7 +31,13 @@ from unicorn_assets.stage1 import llm_metadata
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
-from unicorn_resources.storage import ParquetIOManager, join, read_bytes, write_bytes
+from unicorn_resources.storage import (
+    ParquetIOManager,
+    join,
+    partition_path,
+    read_bytes,
+    write_bytes,
+)
 
 GROUP = "synthvlm"
 # Files (images, exports) go under the IO manager's storage base, local or s3://.
@@ -177,7 +183,7 @@ def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
     thumbs: list[tuple[Image.Image, str]] = []
     started = time.perf_counter()
     for key, shard_plan in split_by_shard(plan, context.partition_keys).items():
-        folder = storage_uri(io_manager, config.folder, key)
+        folder = partition_path(storage_uri(io_manager, config.folder), key)  # the key gate
         files: dict[str, bytes] = {}
         rows = []
         for chunk in shard_plan.iter_slices(config.chunk_size):
@@ -407,7 +413,7 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
             raise ValueError(f"{uri}: the selected image is {'missing' if data is None else 'changed'}"
                              f" since it was scored; re-materialise synthetic_images, image_scores "
                              f"and synthvlm_selection for shard {shard}")
-        paths[image_id] = f"images/{shard}/{image_id}.{fmt}"
+        paths[image_id] = f"{partition_path('images', shard)}/{image_id}.{fmt}"
         files[paths[image_id]] = data
     prompts = load_lines(config.prompts)
     records = logic.llava_records(chosen, prompts, paths)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
+from unicorn_assets.logic.keys import check_key
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.seeds import (
     SeedError,
@@ -71,6 +72,7 @@ class SeedSource(dg.ConfigurableResource):
         return {k: protocol + v for k, v in shards.items()}, problems
 
     def file_for(self, key: str) -> str:
+        check_key(key)  # a key registered by hand may be unsafe: refuse it before any listing
         shards, _ = self.shards()
         if key not in shards:
             claimed = claim_keys(self.list_files())[0].get(key, [])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 import os
+import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -16,6 +19,8 @@ import fsspec
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
+
+from unicorn_assets.logic.keys import UnsafeKeyError, key_path, key_problem
 
 
 class S3Options(dg.Config):
@@ -65,22 +70,131 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+class UnsafeKeyFailure(dg.Failure, UnsafeKeyError):
+    """An unsafe partition key as a step sees it: the step fails at once, with no retry (a retry
+    cannot make a key safe)."""
+
+
+def partition_path(folder: str, key: str, suffix: str = "") -> str:
+    """`<folder>/<key><suffix>` through the key gate (unicorn_assets.logic.keys.key_path), for
+    Dagster code: an unsafe key fails the step before anything is read or written."""
+    try:
+        return key_path(folder, key, suffix)
+    except UnsafeKeyError as err:
+        raise UnsafeKeyFailure(description=str(err), allow_retries=False) from None
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+# A temporary file of atomic_write is `.<name>.unicorn-tmp-<host>-<pid>-<hex>`: hidden, never
+# `*.parquet` (so no reader or catalog glob sees it), and naming the process that owns it, so a
+# later write into the folder can remove the ones whose writer died (kill -9, lost node).
+TEMP_MARK = ".unicorn-tmp-"
+_TEMP = re.compile(r"\..+\.unicorn-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}")
+_LEGACY_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{32}")  # `.<name>.tmp-<hex>`, before the mark
+# A temporary of another host (or an old unmarked one) is removed once untouched this long: its
+# writer cannot be asked, and no write goes a day without writing a byte.
+STALE_TEMP_SECONDS = 24 * 3600
+# A process that started this long after a temporary was last written cannot have written it
+# (its pid is a reused one); the margin absorbs clock skew between a host and a file server.
+_PID_REUSE_MARGIN = 60.0
+# A process sweeps a folder at most this often: a listing of a folder of 10,000 images costs
+# milliseconds, and each of its writes would otherwise pay it.
+SWEEP_INTERVAL_SECONDS = 60.0
+_last_sweep: dict[str, float] = {}
+
+
+def host_tag() -> str:
+    """This host, as temporary-file names carry it (a digest: host names can be long)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TEMP_MARK}{host_tag()}-{os.getpid()}-"
+                            f"{uuid.uuid4().hex}")
+
+
+def _process_state(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time as a Unix time) of `pid` from /proc, or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        fields = stat[stat.rindex(")") + 2:].split()
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def writer_alive(pid: int, written_at: float) -> bool:
+    """Whether process `pid` of this host may still be writing a temporary last written at
+    `written_at`: it exists, is not a zombie, and did not start after that (a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    state = _process_state(pid)
+    if state is None:
+        return True
+    letter, started = state
+    return letter != "Z" and started <= written_at + _PID_REUSE_MARGIN
+
+
+def sweep_stale_temps(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporaries in `folder` that no live writer owns; returns them. Those of this
+    host go once their process is gone; those of another host (or unmarked ones of older
+    versions) once untouched for STALE_TEMP_SECONDS."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        owner = _TEMP.fullmatch(entry.name)
+        if owner is None and not _LEGACY_TEMP.fullmatch(entry.name):
+            continue
+        try:
+            written_at = entry.stat(follow_symlinks=False).st_mtime
+            if owner and owner["host"] == host_tag():
+                stale = not writer_alive(int(owner["pid"]), written_at)
+            else:
+                stale = now - written_at > STALE_TEMP_SECONDS
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:
+            continue  # its writer renamed it into place meanwhile
+    return removed
+
+
+def _sweep_now_and_then(folder: Path) -> None:
+    now = time.monotonic()
+    last = _last_sweep.get(str(folder))
+    if last is None or now - last >= SWEEP_INTERVAL_SECONDS:
+        _last_sweep[str(folder)] = now
+        sweep_stale_temps(folder)
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
     """Write `path` so that readers see the old file or the whole new one, never a part.
 
-    Locally: write a hidden temporary file beside it, then rename over it. On an object store
-    an object appears only when its upload completes, so a direct write is already atomic.
+    Locally: write a hidden temporary file beside it (see TEMP_MARK), then rename over it; the
+    file gets the mode open() gives (0644 under umask 022). Temporaries left in the folder by
+    dead writers are removed first (see sweep_stale_temps). On an object store an object appears only when its upload
+    completes, so a direct write is already atomic.
     """
     if is_local(fs):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        _sweep_now_and_then(target.parent)
+        tmp = temp_path(target)
         try:
-            with open(tmp, "wb") as handle:
+            with open(tmp, "xb") as handle:
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -129,9 +243,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     catalog_wait_seconds: float = Field(default=15.0, ge=0.0, le=600.0)
 
     def uri(self, asset: str, partition: str | None = None) -> str:
+        """The file of `asset` (of one partition); a partition key goes through the key gate."""
         if partition is None:
             return join(self.base_uri, f"{asset}.parquet")
-        return join(self.base_uri, asset, f"{partition}.parquet")
+        return partition_path(join(self.base_uri, asset), partition, ".parquet")
 
     def _name(self, key: dg.AssetKey) -> str:
         return "__".join(key.path)
@@ -154,11 +269,12 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         else:
             frames = {None: obj}
         uris = []
+        targets = {partition: self.uri(name, partition) for partition in frames}  # keys first
         for partition, frame in frames.items():
             if not isinstance(frame, (pl.DataFrame, pl.LazyFrame)):
                 raise TypeError(f"{name}: ParquetIOManager stores polars DataFrames, got "
                                 f"{type(frame).__name__}")
-            uri = self.uri(name, partition)
+            uri = targets[partition]
             fs, path = self.s3.fs(uri)
             write_parquet(fs, path, frame)
             uris.append(uri)
@@ -198,7 +314,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                        self.catalog_wait_seconds)
 
     def rebuild_catalog(self) -> list[str]:
-        """(Re)create the catalog view of every asset stored under a local base_uri."""
+        """(Re)create the catalog view of every asset stored under a local base_uri. A file or
+        folder whose name breaks the key rule (a hidden temporary, a stray name) is no asset of
+        ours and gets no view, so no name from the folder reaches the catalog's SQL unchecked."""
         base = Path(self.base_uri)
         if "://" in self.base_uri or not base.is_dir():
             raise ValueError(f"no local data under {self.base_uri}; the DuckDB catalog covers "
@@ -206,6 +324,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         views = {p.stem: False for p in base.glob("*.parquet")}
         views.update({d.name: True for d in base.iterdir()
                       if d.is_dir() and any(d.glob("*.parquet"))})
+        views = {name: partitioned for name, partitioned in views.items()
+                 if key_problem(name) is None}
         self.catalog().refresh_views({name: self._glob(name, partitioned)
                                       for name, partitioned in views.items()})
         return sorted(views)

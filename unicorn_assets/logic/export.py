@@ -97,6 +97,25 @@ def drop_duplicate_captions(records: pl.LazyFrame, captions: pl.LazyFrame
     return records.filter(~duplicate), records.filter(duplicate).select(pl.len()).collect().item()
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask: 0644 under umask 022."""
+    try:  # Linux: read it, since setting it to read it races with other threads' new files
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines()
+                         if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the file then given the mode any other export file has
+    (save_file creates it 0600, unreadable to the trainer's other users)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, new_file_mode())
+
+
 class _ShardWriter:
     """Copies embedding rows into one preallocated buffer and writes it as a safetensors file
     each time it holds `rows_per_file` rows: memory stays at one file's worth."""
@@ -126,8 +145,7 @@ class _ShardWriter:
             return
         name = f"embeddings/embeddings-{len(self.rows):05d}.safetensors"
         (self.folder / "embeddings").mkdir(parents=True, exist_ok=True)
-        save_file({TENSOR: self.buffer[: self.filled]}, str(self.folder / name),
-                  metadata=self.metadata)
+        save_tensors({TENSOR: self.buffer[: self.filled]}, self.folder / name, self.metadata)
         self.rows[name] = self.filled
         self.pointers.append(pl.concat(self.ids).select(PAIR).with_columns(
             pl.Series("file", [name] * self.filled, dtype=pl.String),
@@ -174,7 +192,7 @@ def write_export(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
     stat_tensors = {"mu_text": stats.mu_text}
     if stats.mu_image is not None:
         stat_tensors["mu_image"] = stats.mu_image
-    save_file(stat_tensors, str(folder / STATISTICS), metadata={"statistics_version": stats.version})
+    save_tensors(stat_tensors, folder / STATISTICS, {"statistics_version": stats.version})
     n_records = pl.scan_parquet(folder / INDEX).select(pl.len()).collect().item()
     return WrittenExport(n_records, pointers.height, writer.rows)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -17,10 +16,10 @@ from typing import Literal
 
 import polars as pl
 
+from unicorn_assets.logic.keys import KEY_RULE, key_problem, suggest_key
 from unicorn_assets.logic.text import excerpt, normalise_ws, stable_id, stable_int
 
 SEED_EXTENSIONS = (".jsonl", ".csv", ".parquet")
-SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 SEED_SCHEMA = pl.Schema(
     {
@@ -84,21 +83,14 @@ def shard_key_for(path: str) -> str:
             break
     else:
         raise SeedError(f"{path}: not a seed file; seed files end in {', '.join(SEED_EXTENSIONS)}")
-    if ".." in stem or not SAFE_KEY.match(stem):
+    problem = key_problem(stem)
+    if problem:
         raise SeedError(
-            f"{path}: the file name {name!r} cannot be a partition key. Rename the file so that "
-            "its name without the extension is 1-128 characters of letters, digits, '.', '_' "
-            "or '-', starts with a letter or digit and has no '..' (for example "
-            f"{_suggest_key(stem) + name[len(stem):]!r})."
+            f"{path}: the file name {name!r} cannot be a partition key ({problem}). Rename the "
+            f"file so that its name without the extension is {KEY_RULE} (for example "
+            f"{suggest_key(stem) + name[len(stem):]!r})."
         )
     return stem
-
-
-def _suggest_key(stem: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
-    while ".." in cleaned:
-        cleaned = cleaned.replace("..", ".")
-    return (cleaned.strip(".-_") or "shard")[:128]
 
 
 def claim_keys(paths: list[str]) -> tuple[dict[str, list[str]], list[str]]:
