@@ -133,7 +133,7 @@ MISSPELT = [
       r"quality_gates\.caption_max_reject_rate\? \(valid: .*caption_max_reject_rate, ")),
     ("storage: {base_urii: /mnt/unicorn}",
      (r"my\.yaml: storage\.base_urii is not a setting; did you mean storage\.base_uri\? "
-      r"\(valid: base_uri, catalog_path, s3\)$")),
+      r"\(valid: base_uri, catalog_path, .*s3\)$")),
     ("seeds: {s3: {regoin: eu-west-1}}",
      r"my\.yaml: seeds\.s3\.regoin is not a setting; did you mean seeds\.s3\.region\?"),
     ("automation: {nightly: {crn: '0 3 * * *'}}",
