@@ -34,7 +34,7 @@ def _defs():
 
 
 def _register(instance, defs) -> list[str]:
-    from dagster_project.partitions import SEED_SHARDS
+    from unicorn_assets.partitions import SEED_SHARDS
 
     shards, problems = defs.resources["seeds"].shards()
     for problem in problems:
@@ -232,7 +232,7 @@ def submit_backfill(keys: list[str] | None = None, start: str | None = None,
     from dagster._core.execution.backfill import PartitionBackfill
     from dagster._core.utils import make_new_backfill_id
 
-    from dagster_project.partitions import SEED_SHARDS
+    from unicorn_assets.partitions import SEED_SHARDS
 
     instance, defs = _instance(), _defs()
     registered = _register(instance, defs)
@@ -340,7 +340,7 @@ def synthvlm(shard: list[str] = typer.Option(None, help="shard key(s) to render;
                      f"scored {counts['image_scores']:>4}  {run['seconds']:6.1f}s{checks}")
     typer.echo(f"{len(lines)} shard(s):\n" + "\n".join(lines))
     ok = all(r["success"] for r in [*runs.values(), *summary["runs"].values()])
-    from dagster_project.partitions import SEED_SHARDS
+    from unicorn_assets.partitions import SEED_SHARDS
 
     instance = _instance()
     unscored = [k for k in instance.get_dynamic_partitions(SEED_SHARDS)

@@ -16,7 +16,7 @@ import yaml
 from dagster_shared.record import replace
 from pydantic import ValidationError
 
-from unicorn_assets.stage2 import InstructionDefaults
+from unicorn_assets.instructions import InstructionDefaults
 from unicorn_resources.clip import ClipResource, OpenClipResource
 from unicorn_resources.diffusion import DiffusionResource, SdxlResource
 from unicorn_resources.llm import (
@@ -27,8 +27,8 @@ from unicorn_resources.llm import (
     TransformersLLM,
     VllmLLM,
 )
-from unicorn_resources.quality import QualityGates
-from unicorn_resources.seeds import BUNDLED_SEEDS, SeedSource
+from unicorn_resources.quality_gates import QualityGates
+from unicorn_resources.seed_source import BUNDLED_SEEDS, SeedSource
 from unicorn_resources.storage import ParquetIOManager, S3Options, join
 
 PROFILE_DIR = files("dagster_project") / "profiles"

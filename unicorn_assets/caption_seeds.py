@@ -5,13 +5,13 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from dagster_project.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, run_shards, standard_checks, to_result
 from unicorn_assets.logic import quality
-from unicorn_assets.logic.seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
+from unicorn_assets.logic.caption_seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata
-from unicorn_resources.quality import QualityGates
-from unicorn_resources.seeds import SeedSource
+from unicorn_resources.quality_gates import QualityGates
+from unicorn_resources.seed_source import SeedSource
 
 
 @dg.multi_asset(

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from dagster_project.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.expansion import (

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, create_model
 
-from dagster_project.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import (
     frame_check,
     reject_rate_check,
@@ -36,9 +36,9 @@ from unicorn_assets.logic.instructions import (
 )
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
 from unicorn_assets.sharding import split_by_shard
-from unicorn_assets.stage1 import llm_metadata
+from unicorn_assets.expansion import llm_metadata
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
-from unicorn_resources.quality import QualityGates
+from unicorn_resources.quality_gates import QualityGates
 
 # Unicorn v2 made 171K multiple-choice, 199K QA and 100K complex-reasoning records.
 PAPER_MIX = {"multiple_choice": 171.0, "question_answering": 199.0, "complex_reasoning": 100.0,

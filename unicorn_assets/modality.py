@@ -15,14 +15,14 @@ import polars as pl
 from PIL import Image
 from pydantic import Field
 
-from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.quality import Outcome, schema_matches
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table, table_schema
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
-from unicorn_resources.quality import QualityGates
+from unicorn_resources.quality_gates import QualityGates
 
 # `backfill_policy` on @asset is marked beta; every per-shard asset shares SHARD_BACKFILL.
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")

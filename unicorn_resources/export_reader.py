@@ -1,6 +1,6 @@
 """How a VLM trainer reads a Unicorn export (pretrain or instruct): records and their embeddings.
 
-    python -m unicorn_assets.load_example data/exports/unicorn_pretrain [record id]
+    python -m unicorn_resources.export_reader data/exports/unicorn_pretrain [record id]
 
 Needs only `safetensors` and numpy (or torch: open with framework="pt"). The embedding takes the
 place of the image features: feed it through the projector where LLaVA feeds the vision tower's.

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import dagster as dg
 
 from unicorn_assets.logic.prompts import load_lines
-from unicorn_assets.logic.seeds import (
+from unicorn_assets.logic.caption_seeds import (
     SeedError,
     SeedReadOptions,
     SeedReadResult,

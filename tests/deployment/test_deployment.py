@@ -24,7 +24,7 @@ from dagster._core.definitions.timestamp import TimestampWithTimezone
 from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
 from dagster._core.remote_representation.code_location import GrpcServerCodeLocation
 
-from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL
+from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -12,16 +12,16 @@ from conftest import make_resources
 from dagster._core.test_utils import create_run_for_test
 
 from dagster_project.automation import AutomationSettings, NightlySettings, build_nightly_schedule
-from dagster_project.partitions import SEED_SHARDS
+from unicorn_assets.partitions import SEED_SHARDS
 from dagster_project.staleness import (
     Stale,
     profile_op_config,
     run_requests,
     with_recipe_versions,
 )
-from unicorn_assets.seeds import read_caption_seeds
-from unicorn_assets.stage1 import expand_captions
-from unicorn_assets.stage2 import make_instructions
+from unicorn_assets.caption_seeds import read_caption_seeds
+from unicorn_assets.expansion import expand_captions
+from unicorn_assets.instructions import make_instructions
 from unicorn_resources.llm import FakeLLM
 
 SEEDS = {dg.AssetKey("caption_seeds"), dg.AssetKey("caption_seed_rejects")}

@@ -8,8 +8,8 @@ import dagster as dg
 from conftest import make_resources
 
 from dagster_project.jobs import unicorn_shard_job
-from unicorn_assets.seeds import read_caption_seeds, seed_checks
-from unicorn_assets.stage1 import expand_captions, stage1_checks
+from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_assets.expansion import expand_captions, stage1_checks
 from unicorn_resources.llm import FakeLLM
 
 

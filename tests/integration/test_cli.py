@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from conftest import coco_captions, write_jsonl
 
-from dagster_project.partitions import SEED_SHARDS
+from unicorn_assets.partitions import SEED_SHARDS
 
 UNICORN = str(Path(sys.executable).parent / "unicorn")
 

@@ -11,12 +11,12 @@ import polars as pl
 import pytest
 from conftest import make_resources
 
-from dagster_project.partitions import SEED_SHARDS
+from unicorn_assets.partitions import SEED_SHARDS
 from dagster_project.profiles import load_profile
-from unicorn_assets.seeds import read_caption_seeds, seed_checks
-from unicorn_assets.stage1 import UNTRAINED_NOTE, expand_captions, stage1_checks
+from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_assets.expansion import UNTRAINED_NOTE, expand_captions, stage1_checks
 from unicorn_resources.llm import LlamaCppLLM
-from unicorn_resources.seeds import SeedSource
+from unicorn_resources.seed_source import SeedSource
 
 ASSETS = [read_caption_seeds, expand_captions, *seed_checks, *stage1_checks]
 OUTPUTS = ("caption_seeds", "caption_seed_rejects", "expanded_captions",

@@ -18,7 +18,7 @@ from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import JOBS, SYNTHVLM_JOBS
-from dagster_project.partitions import SEED_SHARDS
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_assets.logic.images import decode_image
 from unicorn_assets.logic.synthvlm import verify_export, verify_image_files
 from unicorn_assets.synthvlm import file_reader, synthvlm_assets, synthvlm_checks
@@ -236,7 +236,7 @@ def _cli(tmp_path: Path, enabled: bool) -> subprocess.CompletedProcess:
     (tmp_path / "profile.yaml").write_text(json.dumps(profile))  # JSON is YAML
     env = {**os.environ, "UNICORN_PROFILE_FILE": str(tmp_path / "profile.yaml"),
            "DAGSTER_HOME": str(tmp_path / "home")}
-    return subprocess.run([sys.executable, "-m", "unicorn_assets.cli", "synthvlm"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "dagster_project.cli", "synthvlm"], cwd=ROOT,
                           check=False, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -17,8 +17,8 @@ from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import unicorn_corpus_job, unicorn_shard_job
-from dagster_project.partitions import SEED_SHARDS
-from unicorn_assets.load_example import UnicornExport
+from unicorn_assets.partitions import SEED_SHARDS
+from unicorn_resources.export_reader import UnicornExport
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_resources.llm import FakeLLM
 
@@ -95,7 +95,7 @@ def test_two_shards_to_loadable_exports(pipeline: Pipeline):
     assert instruct.manifest["counts"]["records"] == instructions > 0
     assert sum(instruct.manifest["task_types"].values()) == instructions
     for folder in ("unicorn_pretrain", "unicorn_instruct"):
-        out = subprocess.run([sys.executable, "-m", "unicorn_assets.load_example",
+        out = subprocess.run([sys.executable, "-m", "unicorn_resources.export_reader",
                               str(pipeline.data / "exports" / folder)], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
         assert "embedding embeddings/embeddings-00000.safetensors#" in out and "(64,)" in out

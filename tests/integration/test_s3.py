@@ -15,7 +15,7 @@ from moto.server import ThreadedMotoServer
 from test_sensor import sensor_for, tick
 
 from dagster_project.profiles import build_resources, load_profile
-from unicorn_resources.seeds import SeedSource
+from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import S3Options, write_bytes
 
 BUCKET = "unicorn-test"

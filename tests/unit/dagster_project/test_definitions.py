@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from dagster_project.definitions import build_definitions
 from dagster_project.jobs import SHARD_GROUPS
-from dagster_project.partitions import SEED_SHARDS
+from unicorn_assets.partitions import SEED_SHARDS
 
 PER_RECORD = ["caption_seeds", "caption_seed_rejects", "expanded_captions",
               "expanded_caption_rejects"]

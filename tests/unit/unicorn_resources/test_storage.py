@@ -11,7 +11,7 @@ import pytest
 from conftest import coco_captions
 from fsspec.implementations.local import LocalFileSystem
 
-from dagster_project.partitions import SEED_SHARDS, seed_shards
+from unicorn_assets.partitions import SEED_SHARDS, seed_shards
 from unicorn_resources.storage import (
     ROW_GROUP_ROWS,
     ParquetIOManager,

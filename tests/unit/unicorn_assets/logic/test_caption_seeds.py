@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from unicorn_assets.logic.prompts import load_lines
-from unicorn_assets.logic.seeds import (
+from unicorn_assets.logic.caption_seeds import (
     BAD_LINE_REASONS,
     SeedError,
     SeedReadOptions,
@@ -26,8 +26,8 @@ from unicorn_assets.logic.seeds import (
     shard_key_for,
 )
 from unicorn_assets.logic.text import stable_id
-from unicorn_assets.seeds import read_caption_seeds, seed_checks
-from unicorn_resources.seeds import BUNDLED_SEEDS, SeedSource
+from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_resources.seed_source import BUNDLED_SEEDS, SeedSource
 
 OPTS = SeedReadOptions(label_templates=load_lines("seed_labels/v1.txt"))
 
@@ -132,7 +132,7 @@ def test_missing_id_is_the_same_in_another_process(tmp_path: Path):
     data = jsonl([{"caption": "Two zebras  graze in tall grass."}])
     here = read(data).seeds["seed_id"][0]
     (tmp_path / "z.jsonl").write_bytes(data)
-    code = ("import sys; from unicorn_resources.seeds import SeedSource; "
+    code = ("import sys; from unicorn_resources.seed_source import SeedSource; "
             "print(SeedSource(location=sys.argv[1]).read_shard('z').seeds['seed_id'][0])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, check=True, cwd=ROOT,

@@ -28,7 +28,7 @@ from unicorn_assets.logic.expansion import (
     reject_counts,
 )
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
-from unicorn_assets.stage1 import ExpansionConfig
+from unicorn_assets.expansion import ExpansionConfig
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
 
 PROMPTS = load_prompt_set("stage1_expand", "v1")

@@ -39,10 +39,10 @@ from unicorn_assets.logic.instructions import (
     task_counts,
     well_formed,
 )
-from unicorn_assets.stage2 import PAPER_MIX, InstructionConfig, InstructionDefaults, stage2_checks
+from unicorn_assets.instructions import PAPER_MIX, InstructionConfig, InstructionDefaults, stage2_checks
 from unicorn_resources.llm import ChatRequest, FakeLLM, SamplingParams
 from unicorn_resources.llm.types import Completion
-from unicorn_resources.quality import QualityGates
+from unicorn_resources.quality_gates import QualityGates
 
 CAPTIONS = [c["caption"] for c in coco_captions(12)]
 EQUAL = {t: 1.0 for t in TASK_TYPES}

@@ -131,7 +131,7 @@ def test_clear_deletes_all_entries_or_one_models(tmp_path, backend_calls):
 
 def test_cli_cache_clear_empties_the_profiles_cache(tmp_path, monkeypatch):
     from dagster_project import definitions
-    from unicorn_assets.cli import app
+    from dagster_project.cli import app
 
     profile = tmp_path / "profile.yaml"
     profile.write_text(f"storage:\n  base_uri: {tmp_path / 'data'}\nllm:\n  backend: fake\n")
