@@ -19,10 +19,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from unicorn_assets.partitions import SEED_SHARDS
 from dagster_project.profiles import build_resources
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import LlamaCppLLM
 
 ROOT = Path(__file__).resolve().parents[1]

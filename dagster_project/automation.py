@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
 from dagster_project.staleness import find_stale, run_requests
-from unicorn_assets.logic.caption_seeds import claim_keys, discover_shards
+from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
+from unicorn_resources.keys import claim_keys, discover_shards
 from unicorn_resources.seed_source import SeedSource
 
 SEED_ASSET = dg.AssetKey("caption_seeds")

@@ -15,9 +15,9 @@ from dagster_project.profiles import (
     with_run_config,
 )
 from dagster_project.staleness import profile_op_config, with_recipe_versions
-from unicorn_assets.exports import export_asset_checks, export_assets
 from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
 from unicorn_assets.expansion import expand_captions, stage1_checks
+from unicorn_assets.exports import export_asset_checks, export_assets
 from unicorn_assets.instructions import make_instructions, stage2_checks
 from unicorn_assets.modality import stage3_assets, stage3_checks
 from unicorn_assets.synthvlm import synthvlm_assets, synthvlm_checks

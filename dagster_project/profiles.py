@@ -28,10 +28,11 @@ from unicorn_resources.llm import (
     VllmLLM,
 )
 from unicorn_resources.quality_gates import QualityGates
-from unicorn_resources.seed_source import BUNDLED_SEEDS, SeedSource
+from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import ParquetIOManager, S3Options, join
 
 PROFILE_DIR = files("dagster_project") / "profiles"
+BUNDLED_SEEDS = str(files("dagster_project") / "demo_seeds")
 
 LLM_BACKENDS: dict[str, type[LLMResource]] = {
     "llama_cpp": LlamaCppLLM,

@@ -90,9 +90,9 @@ def materialize_shard(instance: dg.DagsterInstance, resources: dict[str, Any], k
                       assets: list | None = None, **kwargs: Any) -> dg.ExecuteInProcessResult:
     """Register `key` as a seed shard, then materialise `assets` (default: seeds and Stage 1) for
     it in one run on `instance`."""
-    from unicorn_assets.partitions import SEED_SHARDS
     from unicorn_assets.caption_seeds import read_caption_seeds
     from unicorn_assets.expansion import expand_captions
+    from unicorn_assets.partitions import SEED_SHARDS
 
     if not instance.has_dynamic_partition(SEED_SHARDS, key):
         instance.add_dynamic_partitions(SEED_SHARDS, [key])

@@ -5,13 +5,36 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, run_shards, standard_checks, to_result
 from unicorn_assets.logic import quality
-from unicorn_assets.logic.caption_seeds import BAD_LINE_REASONS, REJECT_SCHEMA, SEED_SCHEMA
+from unicorn_assets.logic.caption_seeds import (
+    BAD_LINE_REASONS,
+    REJECT_SCHEMA,
+    SEED_SCHEMA,
+    SeedReadOptions,
+    SeedReadResult,
+    read_seed_bytes,
+)
+from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_resources.quality_gates import QualityGates
 from unicorn_resources.seed_source import SeedSource
+
+
+def read_options(seeds: SeedSource) -> SeedReadOptions:
+    return SeedReadOptions(
+        caption_column=seeds.caption_column, label_column=seeds.label_column,
+        id_column=seeds.id_column, max_line_bytes=seeds.max_line_bytes,
+        on_bad_line=seeds.on_bad_line, label_templates=load_lines(seeds.label_templates),
+        templates_per_label=seeds.templates_per_label,
+    )
+
+
+def read_shard(seeds: SeedSource, key: str) -> SeedReadResult:
+    """Parse the seed file of shard `key`, as SeedSource locates and reads it."""
+    uri, data = seeds.read_file(key)
+    return read_seed_bytes(data, uri, key, read_options(seeds))
 
 
 @dg.multi_asset(
@@ -29,7 +52,7 @@ from unicorn_resources.seed_source import SeedSource
     backfill_policy=SHARD_BACKFILL,
 )
 def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource) -> Iterator[dg.Output]:
-    results = {key: seeds.read_shard(key) for key in context.partition_keys}
+    results = {key: read_shard(seeds, key) for key in context.partition_keys}
     for key, result in results.items():
         bad = result.rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
         if bad.height:

@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 import polars as pl
 
-from unicorn_assets.partitions import seed_shards
 from unicorn_assets.logic import quality
+from unicorn_assets.partitions import seed_shards
 from unicorn_resources.quality_gates import QualityGates
 
 # Checks are partitioned like their assets, so a check reads only its own run's shard.

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.expansion import (
@@ -21,6 +20,7 @@ from unicorn_assets.logic.expansion import (
 )
 from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 

@@ -9,7 +9,6 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, create_model
 
-from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import (
     frame_check,
     reject_rate_check,
@@ -17,6 +16,7 @@ from unicorn_assets.checks import (
     standard_checks,
     to_result,
 )
+from unicorn_assets.expansion import llm_metadata
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.instructions import (
     INSTRUCTION_REJECT_SCHEMA,
@@ -35,8 +35,8 @@ from unicorn_assets.logic.instructions import (
     well_formed,
 )
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
-from unicorn_assets.expansion import llm_metadata
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.quality_gates import QualityGates
 

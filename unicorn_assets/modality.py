@@ -15,11 +15,11 @@ import polars as pl
 from PIL import Image
 from pydantic import Field
 
-from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.quality import Outcome, schema_matches
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table, table_schema
+from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.quality_gates import QualityGates

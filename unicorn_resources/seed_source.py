@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from importlib.resources import files
 from typing import Any, Literal
 
 import dagster as dg
 
-from unicorn_assets.logic.prompts import load_lines
-from unicorn_assets.logic.caption_seeds import (
-    SeedError,
-    SeedReadOptions,
-    SeedReadResult,
-    claim_keys,
-    discover_shards,
-    read_seed_bytes,
-    same_key_problem,
-)
+from unicorn_resources.keys import SeedError, claim_keys, discover_shards, same_key_problem
 from unicorn_resources.storage import S3Options, read_bytes
-
-BUNDLED_SEEDS = str(files("unicorn_assets") / "seeds")
 
 
 class SeedSource(dg.ConfigurableResource):
-    """The seed location and how its files are read. `location` defaults to the bundled COCO seeds."""
+    """The seed location and how its files are read (the profiles default `location` to the
+    bundled demo seeds). Parsing the bytes is the caption_seeds asset's work."""
 
-    location: str = BUNDLED_SEEDS
+    location: str
     s3: S3Options = S3Options()
     caption_column: str = "caption"
     label_column: str = "label"
@@ -79,15 +68,8 @@ class SeedSource(dg.ConfigurableResource):
                             "renamed or deleted? Known shards: " + ", ".join(sorted(shards)))
         return shards[key]
 
-    def options(self) -> SeedReadOptions:
-        return SeedReadOptions(
-            caption_column=self.caption_column, label_column=self.label_column,
-            id_column=self.id_column, max_line_bytes=self.max_line_bytes,
-            on_bad_line=self.on_bad_line, label_templates=load_lines(self.label_templates),
-            templates_per_label=self.templates_per_label,
-        )
-
-    def read_shard(self, key: str) -> SeedReadResult:
+    def read_file(self, key: str) -> tuple[str, bytes]:
+        """(URI, bytes) of the seed file of shard `key`."""
         uri = self.file_for(key)
         fs, path = self.s3.fs(uri)
-        return read_seed_bytes(read_bytes(fs, path), uri, key, self.options())
+        return uri, read_bytes(fs, path)

@@ -12,7 +12,6 @@ from conftest import make_resources
 from dagster._core.test_utils import create_run_for_test
 
 from dagster_project.automation import AutomationSettings, NightlySettings, build_nightly_schedule
-from unicorn_assets.partitions import SEED_SHARDS
 from dagster_project.staleness import (
     Stale,
     profile_op_config,
@@ -22,6 +21,7 @@ from dagster_project.staleness import (
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.instructions import make_instructions
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import FakeLLM
 
 SEEDS = {dg.AssetKey("caption_seeds"), dg.AssetKey("caption_seed_rejects")}

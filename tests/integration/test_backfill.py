@@ -19,8 +19,8 @@ from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 from dagster._daemon.backfill import execute_backfill_iteration
 from typer.testing import CliRunner
 
-from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
 from dagster_project import cli
+from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
 
 HERE = Path(__file__).parent
 SYNC_LAUNCHER = """run_coordinator:

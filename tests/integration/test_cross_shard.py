@@ -20,12 +20,12 @@ from test_sensor import sensor_for, tick
 from dagster_project.automation import NightlySettings, build_nightly_schedule
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import unicorn_corpus_job, unicorn_shard_job
-from unicorn_assets.partitions import SEED_SHARDS, seed_shards
 from dagster_project.staleness import recipe_version, with_recipe_versions
-from unicorn_resources.export_reader import UnicornExport
-from unicorn_assets.logic import exports as export
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import ExpansionConfig, expand_captions
+from unicorn_assets.logic import exports as export
+from unicorn_assets.partitions import SEED_SHARDS, seed_shards
+from unicorn_resources.export_reader import UnicornExport
 from unicorn_resources.llm import FakeLLM
 from unicorn_resources.storage import Catalog, ParquetIOManager
 

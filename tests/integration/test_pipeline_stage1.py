@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 from conftest import make_resources
 
-from unicorn_assets.partitions import SEED_SHARDS
 from dagster_project.profiles import load_profile
-from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_assets.caption_seeds import read_caption_seeds, read_shard, seed_checks
 from unicorn_assets.expansion import UNTRAINED_NOTE, expand_captions, stage1_checks
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import LlamaCppLLM
 from unicorn_resources.seed_source import SeedSource
 
@@ -47,7 +47,7 @@ def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, config
         for asset in OUTPUTS:
             assert (data / asset / f"{key}.parquet").is_file(), (asset, key)
         seeds = pl.read_parquet(data / "caption_seeds" / f"{key}.parquet")
-        assert seeds.equals(SeedSource(location=str(seed_dir)).read_shard(key).seeds)
+        assert seeds.equals(read_shard(SeedSource(location=str(seed_dir)), key).seeds)
         captions = pl.read_parquet(data / "expanded_captions" / f"{key}.parquet")
         rejects = pl.read_parquet(data / "expanded_caption_rejects" / f"{key}.parquet")
         every = pl.concat([captions, rejects.drop("reason")])

@@ -17,8 +17,10 @@ from dagster._core.storage.tags import (
 from pydantic import PrivateAttr
 
 from dagster_project.jobs import unicorn_shard_job
-from unicorn_assets.partitions import SEED_SHARDS
 from dagster_project.profiles import ProfileError, build_stage2, load_profile, with_run_config
+from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_assets.expansion import expand_captions, stage1_checks
+from unicorn_assets.instructions import make_instructions, stage2_checks
 from unicorn_assets.logic.instructions import (
     CONVERSATION,
     TASK_TYPES,
@@ -31,9 +33,7 @@ from unicorn_assets.logic.instructions import (
     plan_instructions,
     well_formed,
 )
-from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
-from unicorn_assets.expansion import expand_captions, stage1_checks
-from unicorn_assets.instructions import make_instructions, stage2_checks
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import ChatRequest, FakeLLM, LlamaCppLLM, SamplingParams
 from unicorn_resources.llm.types import Completion
 

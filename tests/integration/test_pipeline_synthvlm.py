@@ -18,9 +18,9 @@ from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import JOBS, SYNTHVLM_JOBS
-from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_assets.logic.images import decode_image
 from unicorn_assets.logic.synthvlm import verify_export, verify_image_files
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_assets.synthvlm import file_reader, synthvlm_assets, synthvlm_checks
 
 SHARDS = ["shard-a", "shard-b"]

@@ -15,6 +15,7 @@ from moto.server import ThreadedMotoServer
 from test_sensor import sensor_for, tick
 
 from dagster_project.profiles import build_resources, load_profile
+from unicorn_assets.caption_seeds import read_shard
 from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import S3Options, write_bytes
 
@@ -72,7 +73,7 @@ def test_seeds_are_listed_and_read_from_s3(s3):
     assert shards == {"shard-a": f"s3://{bucket}/seeds/shard-a.jsonl",
                       "shard-b": f"s3://{bucket}/seeds/shard-b.jsonl"}
     assert len(problems) == 1 and "bad name.jsonl" in problems[0]
-    result = source.read_shard("shard-a")
+    result = read_shard(source, "shard-a")
     assert result.seeds["caption"].to_list() == [r["caption"].strip() for r in coco_captions(3)]
     # A file added after a listing is seen by the next one (no stale s3fs listing cache).
     put_jsonl(client, bucket, "seeds/shard-c.jsonl", coco_captions(2, offset=5))

@@ -16,18 +16,17 @@ import polars as pl
 import pytest
 from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
-from unicorn_assets.logic.prompts import load_lines
+from dagster_project.profiles import BUNDLED_SEEDS
+from unicorn_assets.caption_seeds import read_caption_seeds, read_shard, seed_checks
 from unicorn_assets.logic.caption_seeds import (
     BAD_LINE_REASONS,
-    SeedError,
     SeedReadOptions,
-    discover_shards,
     read_seed_bytes,
-    shard_key_for,
 )
+from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.text import stable_id
-from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
-from unicorn_resources.seed_source import BUNDLED_SEEDS, SeedSource
+from unicorn_resources.keys import SeedError, discover_shards, shard_key_for
+from unicorn_resources.seed_source import SeedSource
 
 OPTS = SeedReadOptions(label_templates=load_lines("seed_labels/v1.txt"))
 
@@ -133,7 +132,8 @@ def test_missing_id_is_the_same_in_another_process(tmp_path: Path):
     here = read(data).seeds["seed_id"][0]
     (tmp_path / "z.jsonl").write_bytes(data)
     code = ("import sys; from unicorn_resources.seed_source import SeedSource; "
-            "print(SeedSource(location=sys.argv[1]).read_shard('z').seeds['seed_id'][0])")
+            "from unicorn_assets.caption_seeds import read_shard; "
+            "print(read_shard(SeedSource(location=sys.argv[1]), 'z').seeds['seed_id'][0])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, check=True, cwd=ROOT,
                          env={**os.environ, "PYTHONHASHSEED": "12345"})
@@ -219,7 +219,7 @@ def test_the_bundled_seeds_are_clean():
     shards, problems = source.shards()
     assert len(shards) >= 2 and problems == []
     for key in shards:
-        result = source.read_shard(key)
+        result = read_shard(source, key)
         assert result.seeds.height > 0
         bad = result.rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
         assert bad.height == 0, bad["detail"].to_list()
@@ -386,7 +386,7 @@ def test_bad_shards_do_not_touch_the_good_ones(tmp_path: Path, instance):
     clash = f"{folder / 'good.csv'} and {folder / 'good.jsonl'}: 2 seed files would all be shard"
     assert any(p.startswith(clash) for p in problems)
     with pytest.raises(SeedError, match="would all be shard 'good'.*Rename all but one"):
-        source.read_shard("good")  # a run of the held shard names the clash, not a lost file
+        read_shard(source, "good")  # a run of the held shard names the clash, not a lost file
 
     (folder / "good.csv").unlink()
     data = tmp_path / "data"
@@ -395,7 +395,7 @@ def test_bad_shards_do_not_touch_the_good_ones(tmp_path: Path, instance):
     assert "read_caption_seeds" in {e.step_key for e in result.get_step_success_events()}
 
     good = pl.read_parquet(data / "caption_seeds" / "good.parquet")
-    alone = SeedSource(location=str(folder)).read_shard("good").seeds
+    alone = read_shard(SeedSource(location=str(folder)), "good").seeds
     assert good.equals(alone) and good.height == 4
     assert pl.read_parquet(data / "caption_seed_rejects" / "good.parquet").height == 0
 

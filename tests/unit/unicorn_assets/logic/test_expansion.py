@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from conftest import coco_captions
 
+from unicorn_assets.expansion import ExpansionConfig
 from unicorn_assets.logic.dedup import (
     exact_duplicate_mask,
     exact_jaccard_pair_rate,
@@ -28,7 +29,6 @@ from unicorn_assets.logic.expansion import (
     reject_counts,
 )
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
-from unicorn_assets.expansion import ExpansionConfig
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
 
 PROMPTS = load_prompt_set("stage1_expand", "v1")

@@ -12,13 +12,13 @@ import polars as pl
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from unicorn_resources.export_reader import UnicornExport
-from unicorn_resources.export_reader import main as load_example_main
 from unicorn_assets.logic import exports as export
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.text import stable_id
+from unicorn_resources.export_reader import UnicornExport
+from unicorn_resources.export_reader import main as load_example_main
 
 DIM = 6
 PROMPTS = load_lines("brief_description/v1.txt")

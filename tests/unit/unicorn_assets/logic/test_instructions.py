@@ -13,6 +13,12 @@ import polars as pl
 import pytest
 from conftest import coco_captions
 
+from unicorn_assets.instructions import (
+    PAPER_MIX,
+    InstructionConfig,
+    InstructionDefaults,
+    stage2_checks,
+)
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.instructions import (
     INSTRUCTION_REJECT_SCHEMA,
@@ -39,7 +45,6 @@ from unicorn_assets.logic.instructions import (
     task_counts,
     well_formed,
 )
-from unicorn_assets.instructions import PAPER_MIX, InstructionConfig, InstructionDefaults, stage2_checks
 from unicorn_resources.llm import ChatRequest, FakeLLM, SamplingParams
 from unicorn_resources.llm.types import Completion
 from unicorn_resources.quality_gates import QualityGates

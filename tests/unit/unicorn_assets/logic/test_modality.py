@@ -13,17 +13,17 @@ import pytest
 from conftest import COCO_PAIRS, make_resources, materialize_shard
 from PIL import Image
 
-from unicorn_assets.partitions import SEED_SHARDS
-from unicorn_assets.logic import modality
-from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
+from unicorn_assets.logic import modality
+from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.modality import (
     caption_embeddings,
     modality_statistics,
     stage3_checks,
     transferred_embeddings,
 )
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.clip import OpenClipResource
 
 DIM = 8

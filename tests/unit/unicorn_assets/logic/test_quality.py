@@ -10,8 +10,8 @@ from conftest import coco_captions
 
 from unicorn_assets.checks import to_result
 from unicorn_assets.logic import quality
-from unicorn_assets.logic.expansion import CAPTION_SCHEMA
 from unicorn_assets.logic.caption_seeds import SEED_SCHEMA
+from unicorn_assets.logic.expansion import CAPTION_SCHEMA
 
 CAPTIONS = [c["caption"] for c in coco_captions(40)]
 

@@ -14,9 +14,9 @@ import dagster as dg
 import pytest
 from conftest import make_resources
 
-from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import ChatRequest, SamplingParams, VllmLLM
 
 
