@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import make_resources
 from dagster._core.test_utils import create_run_for_test
 
 from dagster_project.automation import AutomationSettings, NightlySettings, build_nightly_schedule
@@ -18,6 +17,7 @@ from dagster_project.staleness import (
     run_requests,
     with_recipe_versions,
 )
+from tests.support import make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.instructions import make_instructions

@@ -9,10 +9,10 @@ import os
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import coco_captions, make_resources, write_jsonl
 
 from dagster_project.automation import SensorSettings, build_new_shard_sensor
 from dagster_project.jobs import unicorn_shard_job
+from tests.support import coco_captions, make_resources, write_jsonl
 from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
 from unicorn_assets.expansion import expand_captions, stage1_checks
 from unicorn_assets.partitions import SEED_SHARDS

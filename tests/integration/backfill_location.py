@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 import dagster as dg
-from conftest import make_resources
 
 from dagster_project.jobs import unicorn_shard_job
+from tests.support import make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
 from unicorn_assets.expansion import expand_captions, stage1_checks
 from unicorn_resources.llm import FakeLLM

@@ -10,7 +10,6 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import coco_captions, write_jsonl
 from dagster._core.execution.backfill import BulkActionStatus
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
 from dagster._core.test_utils import create_test_daemon_workspace_context
@@ -20,6 +19,7 @@ from dagster._daemon.backfill import execute_backfill_iteration
 from typer.testing import CliRunner
 
 from dagster_project import cli
+from tests.support import coco_captions, write_jsonl
 from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
 
 HERE = Path(__file__).parent
@@ -45,7 +45,7 @@ def location(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("UNICORN_TEST_DATA", str(data))
     monkeypatch.setenv("UNICORN_TEST_SEEDS", str(seeds))
-    import backfill_location
+    from tests.integration import backfill_location
 
     monkeypatch.setattr(cli, "_defs", lambda: backfill_location.defs)
     return data

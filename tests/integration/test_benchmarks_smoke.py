@@ -6,22 +6,34 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks import run as runner
-from benchmarks.common import fit_exponent, peak_rss
-from benchmarks.stage3 import POLARS_ROW_GROUP_ROWS
+from tests.support import ROOT
+
+
+def bench_value(expression: str, setup: str) -> Any:
+    """The JSON value of `expression` in a fresh interpreter after `setup`: the tests do not import
+    the benchmarks package themselves."""
+    code = f"import json\n{setup}\nprint(json.dumps({expression}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def run_suite(names: list[str], out: Path) -> dict:
-    rc = runner.main(["--smoke", "--only", ",".join(names), "--out", str(out)])
+    run = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only",
+                          ",".join(names), "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, check=False)
     report = json.loads((out / "results.json").read_text())
     errors = {n: report["benchmarks"][n].get("traceback") for n in names
               if report["benchmarks"][n].get("error")}
-    assert rc == 0 and not errors, errors
+    assert run.returncode == 0 and not errors, errors or run.stderr[-3000:]
     markdown = (out / "BENCHMARKS.md").read_text()
     assert f"{report['machine']['cores']} cores" in markdown
     assert report["machine"]["cpu_model"] in markdown
@@ -68,14 +80,21 @@ def test_stage3_smoke(tmp_path):
     assert corpus["step_seconds"]["transferred_embeddings"] > 0
     assert corpus["step_seconds"]["pretrain_dataset"] > 0
     memory = rows["peak RSS"]["details"]["runs"]
+    polars_row_group_rows = bench_value(
+        "POLARS_ROW_GROUP_ROWS", "from benchmarks.stage3 import POLARS_ROW_GROUP_ROWS")
     assert {run["input_row_group_rows"] for run in memory.values()} == {
-        "IO manager default", POLARS_ROW_GROUP_ROWS}
+        "IO manager default", polars_row_group_rows}
 
 
 def test_peak_rss_measures_the_command_not_its_parent(tmp_path):
-    _, small, _ = peak_rss([sys.executable, "-c", "pass"], {}, tmp_path / "small.log")
+    setup = "import sys\nfrom pathlib import Path\nfrom benchmarks.common import peak_rss"
+
+    def peak_rss(command: list[str], log: Path) -> list:
+        return bench_value(f"peak_rss({command!r}, {{}}, Path({str(log)!r}))", setup)
+
+    _, small, _ = peak_rss([sys.executable, "-c", "pass"], tmp_path / "small.log")
     touch_300_mib = "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])"
-    rc, large, _ = peak_rss([sys.executable, "-c", touch_300_mib], {}, tmp_path / "large.log")
+    rc, large, _ = peak_rss([sys.executable, "-c", touch_300_mib], tmp_path / "large.log")
     assert rc == 0
     assert small < 100
     assert large > 300
@@ -83,5 +102,9 @@ def test_peak_rss_measures_the_command_not_its_parent(tmp_path):
 
 def test_fit_exponent_tells_linear_from_quadratic():
     sizes = [1e4, 1e5, 1e6]
-    assert fit_exponent(sizes, [2e-6 * n for n in sizes]) == pytest.approx(1.0)
-    assert fit_exponent(sizes, [2e-9 * n * n for n in sizes]) == pytest.approx(2.0)
+    linear, quadratic = bench_value(
+        f"[fit_exponent({sizes}, {[2e-6 * n for n in sizes]}), "
+        f"fit_exponent({sizes}, {[2e-9 * n * n for n in sizes]})]",
+        "from benchmarks.common import fit_exponent")
+    assert linear == pytest.approx(1.0)
+    assert quadratic == pytest.approx(2.0)

@@ -10,8 +10,8 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-from conftest import coco_captions, write_jsonl
 
+from tests.support import coco_captions, write_jsonl
 from unicorn_assets.partitions import SEED_SHARDS
 
 UNICORN = str(Path(sys.executable).parent / "unicorn")

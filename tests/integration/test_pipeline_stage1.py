@@ -9,9 +9,9 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-from conftest import make_resources
 
 from dagster_project.profiles import load_profile
+from tests.support import make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds, read_shard, seed_checks
 from unicorn_assets.expansion import UNTRAINED_NOTE, expand_captions, stage1_checks
 from unicorn_assets.partitions import SEED_SHARDS

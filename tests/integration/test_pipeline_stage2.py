@@ -9,7 +9,6 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import coco_captions, make_resources
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -18,6 +17,7 @@ from pydantic import PrivateAttr
 
 from dagster_project.jobs import unicorn_shard_job
 from dagster_project.profiles import ProfileError, build_stage2, load_profile, with_run_config
+from tests.support import coco_captions, make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
 from unicorn_assets.expansion import expand_captions, stage1_checks
 from unicorn_assets.instructions import make_instructions, stage2_checks

@@ -14,10 +14,10 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import JOBS, SYNTHVLM_JOBS
+from tests.support import ROOT, coco_captions, make_resources, write_jsonl
 from unicorn_assets.logic.images import decode_image
 from unicorn_assets.logic.synthvlm import verify_export, verify_image_files
 from unicorn_assets.partitions import SEED_SHARDS

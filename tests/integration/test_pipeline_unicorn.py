@@ -13,10 +13,10 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import unicorn_corpus_job, unicorn_shard_job
+from tests.support import ROOT, coco_captions, make_resources, write_jsonl
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.export_reader import UnicornExport

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from conftest import ROOT
 
 from dagster_project.definitions import build_definitions
 from dagster_project.jobs import SHARD_GROUPS
+from tests.support import ROOT
 from unicorn_assets.partitions import SEED_SHARDS
 
 PER_RECORD = ["caption_seeds", "caption_seed_rejects", "expanded_captions",

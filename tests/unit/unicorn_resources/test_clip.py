@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import COCO_PAIRS
 from PIL import Image
 
+from tests.support import COCO_PAIRS
 from unicorn_resources.batching import BatchTooLargeError, OomBatcher
 from unicorn_resources.clip import BUNDLED_MODEL_CONFIGS, OpenClipResource
 

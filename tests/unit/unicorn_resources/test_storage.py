@@ -8,9 +8,9 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import coco_captions
 from fsspec.implementations.local import LocalFileSystem
 
+from tests.support import coco_captions
 from unicorn_assets.partitions import SEED_SHARDS, seed_shards
 from unicorn_resources.storage import (
     ROW_GROUP_ROWS,

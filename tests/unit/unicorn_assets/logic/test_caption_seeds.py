@@ -14,9 +14,9 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import ROOT, coco_captions, make_resources, write_jsonl
 
 from dagster_project.profiles import BUNDLED_SEEDS
+from tests.support import ROOT, coco_captions, make_resources, write_jsonl
 from unicorn_assets.caption_seeds import read_caption_seeds, read_shard, seed_checks
 from unicorn_assets.logic.caption_seeds import (
     BAD_LINE_REASONS,

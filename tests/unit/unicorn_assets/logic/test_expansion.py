@@ -8,8 +8,8 @@ import re
 
 import polars as pl
 import pytest
-from conftest import coco_captions
 
+from tests.support import coco_captions
 from unicorn_assets.expansion import ExpansionConfig
 from unicorn_assets.logic.dedup import (
     exact_duplicate_mask,

@@ -11,8 +11,8 @@ from typing import Any
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import coco_captions
 
+from tests.support import coco_captions
 from unicorn_assets.instructions import (
     PAPER_MIX,
     InstructionConfig,

@@ -10,9 +10,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from conftest import COCO_PAIRS, make_resources, materialize_shard
 from PIL import Image
 
+from tests.support import COCO_PAIRS, make_resources, materialize_shard
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.logic import modality

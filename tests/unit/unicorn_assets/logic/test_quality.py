@@ -6,8 +6,8 @@ from __future__ import annotations
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import coco_captions
 
+from tests.support import coco_captions
 from unicorn_assets.checks import to_result
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.caption_seeds import SEED_SCHEMA

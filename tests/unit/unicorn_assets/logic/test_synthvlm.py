@@ -9,9 +9,9 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from conftest import SHARED_DATA
 from PIL import Image, ImageFilter
 
+from tests.support import SHARED_DATA
 from unicorn_assets.logic import images as img
 from unicorn_assets.logic import synthvlm as sv
 from unicorn_assets.logic.prompts import load_lines

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import make_resources, materialize_shard
 from typer.testing import CliRunner
 
+from tests.support import make_resources, materialize_shard
 from unicorn_resources.llm import (
     ChatRequest,
     Completion,

@@ -19,8 +19,8 @@ from typing import Self
 
 import dagster as dg
 import pytest
-from conftest import coco_captions, make_resources, materialize_shard, write_jsonl
 
+from tests.support import coco_captions, make_resources, materialize_shard, write_jsonl
 from unicorn_resources.llm import (
     ChatRequest,
     GenerationError,

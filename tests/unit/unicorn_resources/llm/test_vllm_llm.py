@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import dagster as dg
 import pytest
-from conftest import make_resources
 
+from tests.support import make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.partitions import SEED_SHARDS
