@@ -1,6 +1,6 @@
 """The whole Unicorn graph in-process on a real on-disk Dagster instance: two seed shards through
 seeds -> Stage 1 -> Stage 2 -> caption embeddings (FakeLLM, tiny untrained open_clip), then the
-corpus job (statistics -> transfer -> exports), and the export read back by load_example."""
+corpus job (statistics -> transfer -> exports), and the export read back by export_reader."""
 
 from __future__ import annotations
 

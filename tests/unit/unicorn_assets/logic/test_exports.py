@@ -1,5 +1,5 @@
 """Export logic on real files: LLaVA records, safetensors shards and index, manifest checksums,
-the two export checks (each passing and failing), whole-folder publishing, and load_example."""
+the two export checks (each passing and failing), whole-folder publishing, and the export reader."""
 
 from __future__ import annotations
 
