@@ -24,9 +24,9 @@ from dagster._core.definitions.timestamp import TimestampWithTimezone
 from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
 from dagster._core.remote_representation.code_location import GrpcServerCodeLocation
 
+from tests.support import ROOT
 from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 BIN = Path(sys.executable).parent
 SECRETS = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_PASSWORD": "minio-pw"}
