@@ -1,6 +1,7 @@
 """Plain helpers shared by the tests (fixtures are in conftest.py): real COCO captions from
-../shared/data, seed files, the local profile's resources pointed at test folders, and one-run
-materialisation of a shard. The benchmarks read their captions through this module too."""
+../shared/data, seed files, the local profile's resources pointed at test folders, one-run
+materialisation of a shard, and the new-shard sensor with one tick of it. The benchmarks read
+their captions through this module too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from dagster_project.automation import SensorSettings, build_new_shard_sensor
+from dagster_project.jobs import unicorn_shard_job
 from dagster_project.profiles import build_resources
+from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_assets.expansion import expand_captions, stage1_checks
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import LLMResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +85,32 @@ def materialize_shard(instance: dg.DagsterInstance, resources: dict[str, Any], k
                       assets: list | None = None, **kwargs: Any) -> dg.ExecuteInProcessResult:
     """Register `key` as a seed shard, then materialise `assets` (default: seeds and Stage 1) for
     it in one run on `instance`."""
-    from unicorn_assets.caption_seeds import read_caption_seeds
-    from unicorn_assets.expansion import expand_captions
-    from unicorn_assets.partitions import SEED_SHARDS
-
     if not instance.has_dynamic_partition(SEED_SHARDS, key):
         instance.add_dynamic_partitions(SEED_SHARDS, [key])
     return dg.materialize(assets or [read_caption_seeds, expand_captions], partition_key=key,
                           resources=resources, instance=instance, **kwargs)
+
+
+def sensor_pipeline(resources: dict, sensor: dg.SensorDefinition | None = None
+                    ) -> dg.Definitions:
+    """Seeds and Stage 1 with the shard job, and `sensor` if given."""
+    return dg.Definitions(assets=[read_caption_seeds, expand_captions],
+                          asset_checks=[*seed_checks, *stage1_checks], jobs=[unicorn_shard_job],
+                          sensors=[sensor] if sensor else [], resources=resources)
+
+
+def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, resources: dict,
+         cursor: str | None):
+    """One sensor tick, then what the daemon does with its result: add the partitions."""
+    with dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
+                                 cursor=cursor, sensor_name=sensor.name,
+                                 definitions=sensor_pipeline(resources, sensor),
+                                 resources={"seeds": resources["seeds"]}) as context:
+        data = sensor.evaluate_tick(context)
+    for request in data.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return data
+
+
+def sensor_for(cap: int = 16) -> dg.SensorDefinition:
+    return build_new_shard_sensor(unicorn_shard_job, SensorSettings(max_shards_per_tick=cap))

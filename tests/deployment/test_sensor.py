@@ -10,35 +10,17 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from dagster_project.automation import SensorSettings, build_new_shard_sensor
+from dagster_project.automation import build_new_shard_sensor
 from dagster_project.jobs import unicorn_shard_job
-from tests.support import coco_captions, make_resources, write_jsonl
-from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
-from unicorn_assets.expansion import expand_captions, stage1_checks
+from tests.support import (
+    coco_captions,
+    make_resources,
+    sensor_for,
+    sensor_pipeline,
+    tick,
+    write_jsonl,
+)
 from unicorn_assets.partitions import SEED_SHARDS
-
-
-def pipeline(resources: dict, sensor: dg.SensorDefinition | None = None) -> dg.Definitions:
-    return dg.Definitions(assets=[read_caption_seeds, expand_captions],
-                          asset_checks=[*seed_checks, *stage1_checks], jobs=[unicorn_shard_job],
-                          sensors=[sensor] if sensor else [], resources=resources)
-
-
-def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, resources: dict,
-         cursor: str | None):
-    """One sensor tick, then what the daemon does with its result: add the partitions."""
-    with dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                 cursor=cursor, sensor_name=sensor.name,
-                                 definitions=pipeline(resources, sensor),
-                                 resources={"seeds": resources["seeds"]}) as context:
-        data = sensor.evaluate_tick(context)
-    for request in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return data
-
-
-def sensor_for(cap: int = 16) -> dg.SensorDefinition:
-    return build_new_shard_sensor(unicorn_shard_job, SensorSettings(max_shards_per_tick=cap))
 
 
 def test_new_files_become_partitions_and_runs_and_the_cursor_survives(instance, seed_dir, tmp_path):
@@ -52,7 +34,7 @@ def test_new_files_become_partitions_and_runs_and_the_cursor_survives(instance, 
 
     # The requested run works: seeds and Stage 1 for that shard.
     request = first.run_requests[0]
-    result = pipeline(resources).resolve_job_def("unicorn_shard_job").execute_in_process(
+    result = sensor_pipeline(resources).resolve_job_def("unicorn_shard_job").execute_in_process(
         instance=instance, partition_key=request.partition_key, tags=request.tags)
     assert result.success
     written = pl.read_parquet(tmp_path / "data" / "caption_seeds" / f"{request.partition_key}.parquet")

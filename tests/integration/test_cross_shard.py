@@ -13,14 +13,19 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import polars as pl
-from test_sensor import pipeline as sensor_pipeline
-from test_sensor import sensor_for, tick
 
 from dagster_project.automation import NightlySettings, build_nightly_schedule
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import unicorn_corpus_job, unicorn_shard_job
 from dagster_project.staleness import recipe_version, with_recipe_versions
-from tests.support import coco_captions, make_resources, write_jsonl
+from tests.support import (
+    coco_captions,
+    make_resources,
+    sensor_for,
+    sensor_pipeline,
+    tick,
+    write_jsonl,
+)
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import ExpansionConfig, expand_captions
 from unicorn_assets.logic import exports as export

@@ -11,10 +11,9 @@ import dagster as dg
 import polars as pl
 import pytest
 from moto.server import ThreadedMotoServer
-from test_sensor import sensor_for, tick
 
 from dagster_project.profiles import build_resources, load_profile
-from tests.support import coco_captions, materialize_shard
+from tests.support import coco_captions, materialize_shard, sensor_for, tick
 from unicorn_assets.caption_seeds import read_shard
 from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import S3Options, write_bytes
