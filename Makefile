@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-fast ui clean
+.PHONY: install demo test test-fast lint ui clean
 
 # llama.cpp is built portable (AVX2, no -march=native): a native build on a host whose CPU
 # advertises AMX that the kernel does not enable dies with SIGILL at the first generation. The
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
+
+# The import layers (pyproject's [tool.importlinter]); tests/unit/test_architecture.py runs it too.
+lint: $(STAMP)
+	$(BIN)/lint-imports
 
 ui: $(STAMP)
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} $(BIN)/dagster dev -w workspace.yaml

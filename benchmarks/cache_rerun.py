@@ -19,10 +19,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.partitions import SEED_SHARDS
 from dagster_project.profiles import build_resources
-from unicorn_assets.seeds import read_caption_seeds
-from unicorn_assets.stage1 import expand_captions
+from unicorn_assets.caption_seeds import read_caption_seeds
+from unicorn_assets.expansion import expand_captions
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import LlamaCppLLM
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from tests.support import COCO_CAPTIONS  # noqa: F401 - re-exported for the benchmarks
+from tests.support import read_coco_captions as coco_captions  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"  # git-ignored scratch space
-COCO_CAPTIONS = ROOT.parent / "shared" / "data" / "coco_val2017_captions_dev.jsonl"
 
 
 @dataclass
@@ -145,26 +147,6 @@ def workdir(name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def coco_captions(n: int, offset: int = 0, one_per_image: bool = False) -> list[dict[str, Any]]:
-    """Real COCO captions (CC BY 4.0) from ../shared/data: `n` of them after skipping `offset`."""
-    if not COCO_CAPTIONS.exists():
-        raise FileNotFoundError(f"{COCO_CAPTIONS} is missing: the benchmarks seed from real COCO "
-                                "captions in ../shared/data")
-    rows, images = [], set()
-    with COCO_CAPTIONS.open() as handle:
-        for line in handle:
-            rec = json.loads(line)
-            if one_per_image and rec["image_id"] in images:
-                continue
-            images.add(rec["image_id"])
-            rows.append(rec)
-            if len(rows) >= n + offset:
-                break
-    if len(rows) < n + offset:
-        raise ValueError(f"{COCO_CAPTIONS} holds fewer than {n + offset} usable captions")
-    return rows[offset:]
 
 
 def write_seed_shards(folder: Path, shards: dict[str, list[dict[str, Any]]]) -> None:

@@ -42,7 +42,7 @@ def smoke_profile(tmp: Path, overrides: dict[str, Any], seeds: int) -> Path:
 def run(size: dict[str, Any]) -> list[Row]:
     demo, codes, walls, log_tail = [], [], [], ""
     unicorn = str(Path(sys.executable).with_name("unicorn"))
-    imports: dict[str, list[float]] = {"dagster_project.definitions": [], "unicorn_assets.stage1": []}
+    imports: dict[str, list[float]] = {"dagster_project.definitions": [], "unicorn_assets.expansion": []}
     for _ in range(size["runs"]):
         with workdir("memory") as tmp:
             env = {k: v for k, v in os.environ.items() if k not in (
@@ -68,7 +68,7 @@ def run(size: dict[str, Any]) -> list[Row]:
                      "profile": "smoke (fake LLM)" if size["demo_profile"] else "local",
                      "log_tail": log_tail}),
         Row(BENCH, "peak RSS, importing the code location (dagster_project.definitions)",
-            location, "MiB", "importing Stage 1 alone (unicorn_assets.stage1)", stage1,
+            location, "MiB", "importing Stage 1 alone (unicorn_assets.expansion)", stage1,
             runs=size["runs"], note="every process that loads the Definitions (code server, "
             "each run worker) pays this; see Findings for what it holds",
             details={module: [round(x, 1) for x in peaks] for module, peaks in imports.items()}),

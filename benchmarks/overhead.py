@@ -27,7 +27,7 @@ from benchmarks.common import (
     workdir,
     write_seed_shards,
 )
-from dagster_project.partitions import SEED_SHARDS, SHARD_BACKFILL
+from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
 
 FULL = {"shards": [1, 10, 100], "runs": {1: 3, 10: 3, 100: 1}, "seeds_per_shard": 64,
         "no_checks_shards": 10, "catalog_files": [10, 100, 1000, 3000], "catalog_runs": 5}

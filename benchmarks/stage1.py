@@ -24,10 +24,10 @@ from benchmarks.common import (
     workdir,
     write_seed_shards,
 )
-from dagster_project.partitions import SEED_SHARDS
+from unicorn_assets.expansion import ExpansionConfig
 from unicorn_assets.logic.expansion import plan_expansions
 from unicorn_assets.logic.prompts import load_prompt_set
-from unicorn_assets.stage1 import ExpansionConfig
+from unicorn_assets.partitions import SEED_SHARDS
 
 FULL = {"seeds": 64, "max_tokens": 48, "runs": 5}
 SMOKE = {"seeds": 2, "max_tokens": 4, "runs": 1}

@@ -155,7 +155,7 @@ def corpus_run(tmp: Path, rows: int, shards: int, dim: int, runs: int,
                row_group_size: int | None = None) -> list[dict[str, Any]]:
     """Materialise statistics -> transfer -> pretrain export (and their checks) `runs` times over a
     corpus of rows x dim float32 embeddings."""
-    from dagster_project.partitions import SEED_SHARDS
+    from unicorn_assets.partitions import SEED_SHARDS
 
     with pipeline(tmp, tmp / "seeds", {"backend": "fake"}, [corpus_job]) as (instance, defs):
         keys = write_corpus(tmp / "data", rows, shards, dim, defs.resources["clip"].model_id,

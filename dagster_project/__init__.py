@@ -1,1 +1,1 @@
-"""Dagster wiring: Definitions, partitions, jobs and profiles."""
+"""Dagster wiring, the top layer: Definitions, jobs, automation, profiles and the `unicorn` CLI."""

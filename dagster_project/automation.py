@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dagster_project.partitions import SEED_SHARDS, SHARD_BACKFILL
 from dagster_project.staleness import find_stale, run_requests
-from unicorn_assets.logic.seeds import claim_keys, discover_shards
-from unicorn_resources.seeds import SeedSource
+from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
+from unicorn_resources.keys import claim_keys, discover_shards
+from unicorn_resources.seed_source import SeedSource
 
 SEED_ASSET = dg.AssetKey("caption_seeds")
 SEED_REJECTS_ASSET = dg.AssetKey("caption_seed_rejects")

@@ -16,11 +16,11 @@ from dagster_project.profiles import (
     with_run_config,
 )
 from dagster_project.staleness import profile_op_config, with_recipe_versions
+from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
+from unicorn_assets.expansion import expand_captions, stage1_checks
 from unicorn_assets.exports import export_asset_checks, export_assets
-from unicorn_assets.seeds import read_caption_seeds, seed_checks
-from unicorn_assets.stage1 import expand_captions, stage1_checks
-from unicorn_assets.stage2 import make_instructions, stage2_checks
-from unicorn_assets.stage3 import stage3_assets, stage3_checks
+from unicorn_assets.instructions import make_instructions, stage2_checks
+from unicorn_assets.modality import stage3_assets, stage3_checks
 from unicorn_assets.synthvlm import synthvlm_assets, synthvlm_checks
 
 ASSETS = [read_caption_seeds, expand_captions, make_instructions, *stage3_assets, *export_assets]

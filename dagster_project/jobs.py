@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from dagster_project.partitions import seed_shards
+from unicorn_assets.partitions import seed_shards
 
 SHARD_GROUPS = ["unicorn_seeds", "unicorn_stage1", "unicorn_stage2", "unicorn_stage3"]
 CORPUS_GROUPS = ["unicorn_corpus"]

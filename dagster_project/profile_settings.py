@@ -28,12 +28,12 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from dagster_project.automation import AutomationSettings
-from unicorn_assets.stage2 import InstructionDefaults
+from unicorn_assets.instructions import InstructionDefaults
 from unicorn_resources.clip import OpenClipResource
 from unicorn_resources.diffusion import SdxlResource
 from unicorn_resources.llm import FakeLLM, LlamaCppLLM, OpenAILLM, TransformersLLM, VllmLLM
-from unicorn_resources.quality import QualityGates
-from unicorn_resources.seeds import SeedSource
+from unicorn_resources.quality_gates import QualityGates
+from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import ParquetIOManager
 
 LLM_BACKENDS: dict[str, type[dg.ConfigurableResource]] = {
@@ -77,10 +77,12 @@ NULL_IS_DEFAULT = ("cache_path", "location")
 
 @cache
 def settings_model(cls: type[BaseModel], name: str | None = None,
-                   backend: str | None = None) -> type[BaseModel]:
+                   backend: str | None = None,
+                   defaults: tuple[tuple[str, Any], ...] = ()) -> type[BaseModel]:
     """A strict pydantic model of `cls`'s fields (a Dagster resource or Config): the same types,
     defaults and bounds, no other key; a nested Config becomes a strict model too. With `backend`,
-    a `backend: <that name>` key is part of it."""
+    a `backend: <that name>` key is part of it. `defaults` ((name, value) pairs) gives fields a profile default that
+    the class itself cannot know (the bundled seeds belong to this package)."""
     fields: dict[str, Any] = {}
     if backend is not None:
         fields["backend"] = (Literal[backend], backend)
@@ -92,7 +94,8 @@ def settings_model(cls: type[BaseModel], name: str | None = None,
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             annotation = settings_model(annotation)
             checks.append(WrapValidator(_null_is_empty))
-        default = ... if info.is_required() else info.get_default(call_default_factory=True)
+        default = (dict(defaults)[field_name] if field_name in dict(defaults)
+                   else ... if info.is_required() else info.get_default(call_default_factory=True))
         fields[field_name] = (Annotated[(annotation, *checks)],
                               Field(default, description=info.description))
     return create_model(name or f"{cls.__name__}Settings", __base__=_Strict, **fields)
@@ -137,7 +140,7 @@ class ProfileSettings(_Strict):
     name: str | None = None
     storage: _section(settings_model(ParquetIOManager, "storage")) = Field(
         default_factory=dict, validate_default=True)
-    seeds: _section(settings_model(SeedSource, "seeds")) = Field(
+    seeds: _section(settings_model(SeedSource, "seeds", defaults=(("location", "bundled"),))) = Field(
         default_factory=dict, validate_default=True)
     llm: _backend_union("llm", LLM_BACKENDS) = Field(default_factory=dict, validate_default=True)
     clip: _backend_union("clip", CLIP_BACKENDS) = Field(default_factory=dict,

@@ -26,15 +26,16 @@ from dagster_project.profile_settings import (
     set_values,
     validate_profile,
 )
-from unicorn_assets.stage2 import InstructionDefaults
+from unicorn_assets.instructions import InstructionDefaults
 from unicorn_resources.clip import ClipResource
 from unicorn_resources.diffusion import DiffusionResource
 from unicorn_resources.llm import LLMResource
-from unicorn_resources.quality import QualityGates
-from unicorn_resources.seeds import BUNDLED_SEEDS, SeedSource
+from unicorn_resources.quality_gates import QualityGates
+from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import ParquetIOManager, S3Options, join
 
 PROFILE_DIR = files("dagster_project") / "profiles"
+BUNDLED_SEEDS = str(files("dagster_project") / "demo_seeds")
 
 
 def _known_profiles() -> list[str]:

@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 import polars as pl
 
-from dagster_project.partitions import seed_shards
 from unicorn_assets.logic import quality
-from unicorn_resources.quality import QualityGates
+from unicorn_assets.partitions import seed_shards
+from unicorn_resources.quality_gates import QualityGates
 
 # Checks are partitioned like their assets, so a check reads only its own run's shard.
 # Dagster marks partitioned checks as preview; the warning says nothing we can act on.

@@ -6,7 +6,7 @@ while any caption, instruction record or embedding was made from another text (s
 logic/pairing.py); the blocking check `caption_pairing` stops the corpus job before it.
 
 Each export is built in a staging folder, verified, then swapped in whole for the previous one.
-See unicorn_assets/load_example.py for how a trainer reads it.
+See unicorn_resources/export_reader.py for how a trainer reads it.
 """
 
 import hashlib
@@ -20,12 +20,13 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
 from unicorn_assets.checks import to_result
-from unicorn_assets.logic import export, pairing
+from unicorn_assets.logic import exports as export
+from unicorn_assets.logic import pairing
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.quality import Outcome
 from unicorn_assets.metadata import markdown_table
-from unicorn_assets.stage3 import CORPUS_GROUP
+from unicorn_assets.modality import CORPUS_GROUP
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE
 from unicorn_resources.storage import ParquetIOManager, join
 

@@ -17,17 +17,17 @@ import dagster as dg
 import polars as pl
 from PIL import Image
 
-from dagster_project.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.expansion import llm_metadata
 from unicorn_assets.logic import images as img
 from unicorn_assets.logic import synthvlm as logic
-from unicorn_assets.logic.export import drop_duplicate_captions
+from unicorn_assets.logic.exports import drop_duplicate_captions
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_assets.logic.quality import Outcome
 from unicorn_assets.logic.text import excerpt, stable_int
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
-from unicorn_assets.stage1 import llm_metadata
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams

@@ -1,1 +1,2 @@
-"""Resources: models (LLM, CLIP, diffusion) and storage."""
+"""Resources, the bottom layer: models (LLM, CLIP, diffusion), storage, the seed source, quality
+gates and the trainer-side export reader. Imports neither unicorn_assets nor dagster_project."""

@@ -20,7 +20,7 @@ import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
-from unicorn_assets.logic.keys import UnsafeKeyError, key_path, key_problem
+from unicorn_resources.keys import UnsafeKeyError, key_path, key_problem
 
 
 class S3Options(dg.Config):
@@ -76,7 +76,7 @@ class UnsafeKeyFailure(dg.Failure, UnsafeKeyError):
 
 
 def partition_path(folder: str, key: str, suffix: str = "") -> str:
-    """`<folder>/<key><suffix>` through the key gate (unicorn_assets.logic.keys.key_path), for
+    """`<folder>/<key><suffix>` through the key gate (unicorn_resources.keys.key_path), for
     Dagster code: an unsafe key fails the step before anything is read or written."""
     try:
         return key_path(folder, key, suffix)

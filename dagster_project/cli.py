@@ -1,0 +1,398 @@
+"""`unicorn`: register seed shards and run the pipeline in-process on a persistent Dagster instance.
+
+The Dagster CLI cannot create dynamic partitions; this can. Runs land in DAGSTER_HOME, so
+`dagster dev` shows them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Unicorn: text-only VLM training data, as Dagster assets.")
+
+
+def _instance():
+    """The instance of DAGSTER_HOME, created under its lock; runs of this host whose process
+    died (killed, crashed) are marked failed first, with a line on stderr for each."""
+    from dagster_project.instance import fail_dead_runs, open_instance
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(Path(".dagster_home").resolve())
+        os.environ["DAGSTER_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    instance = open_instance(home)
+    for run, message in fail_dead_runs(instance):
+        typer.secho(f"run {run.run_id} ({run.job_name}"
+                    + (f", shard {run.tags['dagster/partition']}"
+                       if "dagster/partition" in run.tags else "")
+                    + f") marked failed: {message}", fg=typer.colors.YELLOW, err=True)
+    return instance
+
+
+def _run_tags() -> dict[str, str]:
+    from dagster_project.instance import run_tags
+
+    return run_tags()
+
+
+def _defs():
+    from dagster_project.profiles import ProfileError
+
+    try:
+        from dagster_project.definitions import defs
+    except ProfileError as err:  # a wrong profile: its message names the file, setting and fix
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    return defs
+
+
+def _register(instance, defs) -> list[str]:
+    from dagster_project.instance import home_lock
+    from unicorn_assets.partitions import SEED_SHARDS
+
+    shards, problems = defs.resources["seeds"].shards()
+    for problem in problems:
+        typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
+    with home_lock(os.environ["DAGSTER_HOME"]):  # two commands never add the same key twice
+        known = set(instance.get_dynamic_partitions(SEED_SHARDS))
+        new = [k for k in shards if k not in known]
+        if new:
+            instance.add_dynamic_partitions(SEED_SHARDS, new)
+    return sorted(shards)
+
+
+@app.command()
+def shards() -> None:
+    """List the seed shards (partition keys) of the configured seed location."""
+    found, problems = _defs().resources["seeds"].shards()
+    for key, uri in sorted(found.items()):
+        typer.echo(f"{key}\t{uri}")
+    for problem in problems:
+        typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command()
+def register() -> None:
+    """Add every seed file of the seed location as a dynamic partition."""
+    keys = _register(_instance(), _defs())
+    typer.echo(f"{len(keys)} shard(s) registered: {', '.join(keys)}")
+
+
+def run_shards(keys: list[str] | None = None, job: str = "unicorn_shard_job") -> dict:
+    """Register the shards and run `job` once per shard; returns a summary dict."""
+    instance, defs = _instance(), _defs()
+    registered = _register(instance, defs)
+    keys = keys or registered
+    unknown = sorted(set(keys) - set(registered))
+    if unknown:
+        raise typer.BadParameter(f"no seed file for shard(s) {unknown}; known: {registered}")
+    job_def = defs.resolve_job_def(job)
+    runs = {}
+    for key in keys:
+        started = time.perf_counter()
+        result = job_def.execute_in_process(instance=instance, partition_key=key,
+                                            raise_on_error=False, tags=_run_tags())
+        runs[key] = {"run_id": result.run_id, "success": result.success,
+                     "seconds": time.perf_counter() - started,
+                     "failed_checks": _failed_checks(result)}
+    return {"instance": os.environ["DAGSTER_HOME"], "runs": runs}
+
+
+def _failed_checks(result) -> list[str]:
+    return [f"{e.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string()}:"
+            f"{e.asset_check_evaluation_data.asset_check_key.name}"
+            for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and not e.asset_check_evaluation_data.passed]
+
+
+def run_corpus(job: str = "unicorn_corpus_job") -> dict:
+    """Run the corpus-wide job (statistics, transfer, exports) over every shard."""
+    started = time.perf_counter()
+    result = _defs().resolve_job_def(job).execute_in_process(instance=_instance(),
+                                                             raise_on_error=False,
+                                                             tags=_run_tags())
+    metadata = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        metadata[materialization.asset_key.to_user_string()] = {
+            k: v.value for k, v in materialization.metadata.items()}
+    return {"run_id": result.run_id, "success": result.success,
+            "seconds": time.perf_counter() - started, "failed_checks": _failed_checks(result),
+            "assets": metadata}
+
+
+def summarise_corpus(corpus: dict) -> str:
+    assets = corpus["assets"]
+    lines = [f"corpus job: {'ok' if corpus['success'] else 'FAILED'} in {corpus['seconds']:.1f}s"
+             + (f"; failed checks: {', '.join(corpus['failed_checks'])}"
+                if corpus["failed_checks"] else "")]
+    if "modality_statistics" in assets:
+        transfer = assets["modality_statistics"]["transfer"]
+        lines.append(f"Stage 3: {transfer['count']} caption embeddings ({transfer['dim']}-d, "
+                     f"{transfer['model_id']}), statistics {transfer['statistics_version']}, "
+                     f"|mu_text| {transfer['mu_text_norm']:.3f}"
+                     + (f", {transfer['image_count']} reference images"
+                        if transfer["image_count"] else ""))
+    if "transferred_embeddings" in assets:
+        meta = assets["transferred_embeddings"]
+        lines.append(f"  transferred {meta['dagster/row_count']}: {meta['formula']}")
+    for name in ("pretrain_dataset", "instruct_dataset"):
+        if name in assets:
+            meta = assets[name]
+            lines.append(f"export {name}: {meta['dagster/row_count']} records, "
+                         f"{meta['embeddings']} embeddings in {meta['embedding_files']} "
+                         f"safetensors file(s) -> {meta['export_dir']}")
+    notes = {m["model_note"] for m in assets.values() if "model_note" in m}
+    lines.extend(f"NOTE: {note}" for note in sorted(notes))
+    return "\n".join(lines)
+
+
+def summarise(summary: dict) -> str:
+    import polars as pl
+
+    io = _defs().resources["io_manager"]
+    lines = []
+    totals = {"seeds_read": 0, "seeds": 0, "captions": 0, "instructions": 0, "embeddings": 0}
+    rejected: dict[str, int] = {}
+    for key, run in summary["runs"].items():
+        row = dict.fromkeys(totals, 0)
+        for asset, field in (("caption_seeds", "seeds"), ("expanded_captions", "captions"),
+                             ("instructions", "instructions"), ("caption_embeddings", "embeddings")):
+            try:
+                row[field] = pl.scan_parquet(io.uri(asset, key)).select(pl.len()).collect().item()
+            except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
+                pass
+        try:
+            rej = pl.read_parquet(io.uri("expanded_caption_rejects", key))
+            for reason, n in rej.group_by("reason").len().iter_rows():
+                rejected[reason] = rejected.get(reason, 0) + n
+            seed_rej = pl.read_parquet(io.uri("caption_seed_rejects", key))
+            row["seeds_read"] = row["seeds"] + seed_rej.height
+        except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
+            pass
+        for k in totals:
+            totals[k] += row[k]
+        status = "ok" if run["success"] else "FAILED"
+        checks = f"; failed checks: {', '.join(run['failed_checks'])}" if run["failed_checks"] else ""
+        lines.append(f"  {key:<28} {status:<6} seeds {row['seeds']:>4}  captions "
+                     f"{row['captions']:>4}  instructions {row['instructions']:>4}  embeddings "
+                     f"{row['embeddings']:>4}  {run['seconds']:6.1f}s{checks}")
+    lines.insert(0, f"{len(summary['runs'])} shard(s):")
+    lines.append(f"seed lines read: {totals['seeds_read']}, seeds kept: {totals['seeds']}, "
+                 f"captions kept: {totals['captions']}, instruction records: "
+                 f"{totals['instructions']}, caption embeddings: {totals['embeddings']}")
+    lines.append("captions rejected by reason: " + (", ".join(
+        f"{r}={n}" for r, n in sorted(rejected.items())) or "none"))
+    return "\n".join(lines)
+
+
+def run_all(shards: list[str] | None = None, job: str = "unicorn_shard_job",
+            corpus: bool = True) -> bool:
+    """The shards, then (when every shard succeeded) the corpus job; prints both summaries."""
+    summary = run_shards(shards, job)
+    typer.echo(summarise(summary))
+    ok = all(r["success"] for r in summary["runs"].values())
+    if corpus and ok:
+        result = run_corpus()
+        typer.echo(summarise_corpus(result))
+        ok = result["success"]
+    elif corpus:
+        typer.secho("corpus job skipped: it spans every shard, and a shard failed",
+                    fg=typer.colors.YELLOW, err=True)
+    return ok
+
+
+@app.command()
+def materialize(shard: list[str] = typer.Option(None, help="shard key(s); default: all"),
+                job: str = typer.Option("unicorn_shard_job", help="the job to run per shard"),
+                corpus: bool = typer.Option(False, help="then run unicorn_corpus_job (statistics, "
+                                            "transfer, exports) over every shard")) -> None:
+    """Register the shards and materialise the per-shard pipeline for each (with --corpus, then
+    the corpus-wide statistics, transfer and exports)."""
+    started = time.perf_counter()
+    ok = run_all(shard, job, corpus)
+    typer.echo(f"wall time: {time.perf_counter() - started:.1f}s")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo() -> None:
+    """Run the bundled seeds through the pipeline with the offline models, then summarise."""
+    started = time.perf_counter()
+    defs = _defs()
+    res = defs.resources
+    typer.echo(f"seeds: {res['seeds'].location}\nmodel: {res['llm'].model_id}"
+               f"{'' if res['llm'].is_trained_model else ' (untrained stand-in)'}")
+    clip = res["clip"]
+    typer.echo(f"CLIP: {clip.model_id}" + ("" if clip.is_pretrained else
+               " -- UNTRAINED (random weights): the embeddings and exports are meaningless, "
+               "for a pipeline run only; set clip.pretrained for real weights"))
+    ok = run_all()
+    base = Path(res["io_manager"].base_uri).resolve()
+    typer.echo(f"results: {base} (Parquet), catalog: {base / 'catalog.duckdb'}")
+    typer.echo(f"runs: DAGSTER_HOME={os.environ['DAGSTER_HOME']} (see them with `dagster dev`)")
+    typer.echo(f"wall time: {time.perf_counter() - started:.1f}s")
+    if not ok:
+        raise typer.Exit(1)
+
+
+def submit_backfill(keys: list[str] | None = None, start: str | None = None,
+                    end: str | None = None, select: str | None = None,
+                    job: str = "unicorn_shard_job") -> tuple[str, list[str], list[str]]:
+    """Register the shards, then submit an asset backfill over them to the instance, exactly as
+    the UI's Materialize -> backfill does: the daemon runs it, several shards per run
+    (BackfillPolicy). Returns (backfill id, shard keys, asset keys)."""
+    import dagster as dg
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+
+    from unicorn_assets.partitions import SEED_SHARDS
+
+    instance, defs = _instance(), _defs()
+    registered = _register(instance, defs)
+    order = list(instance.get_dynamic_partitions(SEED_SHARDS))
+    if keys:
+        unknown = sorted(set(keys) - set(registered))
+        if unknown:
+            raise typer.BadParameter(f"no seed file for shard(s) {unknown}; known: {registered}")
+    else:
+        for bound in (start, end):
+            if bound and bound not in order:
+                raise typer.BadParameter(f"--from/--to {bound!r} is not a shard; known: {order}")
+        first = order.index(start) if start else 0
+        last = order.index(end) if end else len(order) - 1
+        keys = order[first:last + 1]
+    graph = defs.resolve_asset_graph()
+    assets = (dg.AssetSelection.from_string(select).resolve(graph) if select
+              else defs.resolve_job_def(job).asset_layer.executable_asset_keys)
+    backfill_id = make_new_backfill_id()
+    instance.add_backfill(PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id, asset_graph=graph, partition_names=keys,
+        asset_selection=sorted(assets, key=str), backfill_timestamp=time.time(),
+        tags={"unicorn/trigger": "cli_backfill"}, dynamic_partitions_store=instance,
+        all_partitions=False, title=f"unicorn backfill: {len(keys)} shard(s)", description=None,
+        run_config=None))
+    return backfill_id, keys, sorted(k.to_user_string() for k in assets)
+
+
+@app.command()
+def backfill(shard: list[str] = typer.Option(None, help="shard key(s); default: all (or a range)"),
+             start: str = typer.Option(None, "--from", help="first shard of a range"),
+             end: str = typer.Option(None, "--to", help="last shard of a range"),
+             select: str = typer.Option(None, help="Dagster asset selection, e.g. "
+                                        "'group:\"unicorn_stage1\"'; default: unicorn_shard_job's "
+                                        "assets")) -> None:
+    """Submit a backfill over many shards for the Dagster daemon (see it under Runs -> Backfills)."""
+    backfill_id, keys, assets = submit_backfill(shard, start, end, select)
+    typer.echo(f"backfill {backfill_id}: {len(keys)} shard(s) x {len(assets)} asset(s) submitted "
+               f"to DAGSTER_HOME={os.environ['DAGSTER_HOME']}; the daemon runs it "
+               "(`dagster-daemon run`, or `dagster dev`)")
+
+
+@app.command()
+def catalog() -> None:
+    """Rebuild the DuckDB catalog: one view per asset over its Parquet files."""
+    from unicorn_resources.storage import CatalogLocked
+
+    io = _defs().resources["io_manager"]
+    try:
+        names = io.rebuild_catalog()
+    except CatalogLocked as err:
+        typer.secho(f"catalog not rebuilt: {err}. Close the other DuckDB session (or wait for "
+                    "it), then run `unicorn catalog` again", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{io.catalog().path}: {len(names)} view(s): {', '.join(names)}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The LLM response cache of the profile.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Show the cache file and how many completions it holds per model."""
+    llm = _defs().resources["llm"]
+    typer.echo(f"{llm.cache_path} ({'enabled' if llm.cache_enabled else 'disabled'})")
+    for model_id, n in llm.response_cache().counts().items():
+        typer.echo(f"  {model_id}\t{n}")
+
+
+@cache_app.command("clear")
+def cache_clear(model: str = typer.Option(None, help="only this model id (see `cache info`)")) -> None:
+    """Delete the cached completions (all, or one model's), so the next run asks the model again."""
+    llm = _defs().resources["llm"]
+    typer.echo(f"{llm.response_cache().clear(model)} cached completion(s) deleted from "
+               f"{llm.cache_path}")
+
+
+def _written(io, asset: str, key: str | None = None) -> bool:
+    fs, path = io.s3.fs(io.uri(asset, key))
+    return fs.exists(path)
+
+
+@app.command()
+def synthvlm(shard: list[str] = typer.Option(None, help="shard key(s) to render; default: all")
+             ) -> None:
+    """SynthVLM branch: Stage 1 for shards that lack captions, then per shard synthvlm_job (choose
+    captions, render with SDXL, score), then synthvlm_corpus_job (select, export LLaVA data)."""
+    import polars as pl
+
+    started = time.perf_counter()
+    defs = _defs()
+    if "synthvlm_job" not in {job.name for job in defs.resolve_all_job_defs()}:
+        typer.secho("the SynthVLM branch is off in this profile: set `synthvlm: {enabled: true}` "
+                    "(or UNICORN_SYNTHVLM=true with the local profile)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    res = defs.resources
+    typer.echo(f"renderer: {res['diffusion'].model_id}\nCLIP: {res['clip'].model_id}")
+    io = res["io_manager"]
+    keys = shard or _register(_instance(), defs)
+    missing = [k for k in keys if not _written(io, "expanded_captions", k)]
+    runs = run_shards(missing)["runs"] if missing else {}
+    summary = run_shards(keys, "synthvlm_job")
+    lines = []
+    for key, run in summary["runs"].items():
+        counts = {a: pl.scan_parquet(io.uri(a, key)).select(pl.len()).collect().item()
+                  if _written(io, a, key) else 0
+                  for a in ("synthvlm_candidates", "synthetic_images", "image_scores")}
+        checks = f"; failed checks: {', '.join(run['failed_checks'])}" if run["failed_checks"] else ""
+        lines.append(f"  {key:<28} {'ok' if run['success'] else 'FAILED':<6} captions "
+                     f"{counts['synthvlm_candidates']:>3}  images {counts['synthetic_images']:>4}  "
+                     f"scored {counts['image_scores']:>4}  {run['seconds']:6.1f}s{checks}")
+    typer.echo(f"{len(lines)} shard(s):\n" + "\n".join(lines))
+    ok = all(r["success"] for r in [*runs.values(), *summary["runs"].values()])
+    from unicorn_assets.partitions import SEED_SHARDS
+
+    instance = _instance()
+    unscored = [k for k in instance.get_dynamic_partitions(SEED_SHARDS)
+                if not _written(io, "image_scores", k)]
+    if unscored:
+        typer.secho(f"selection skipped: shard(s) {unscored} have no image_scores yet; the "
+                    "selection spans every shard", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(1)
+    corpus = defs.get_job_def("synthvlm_corpus_job").execute_in_process(
+        instance=instance, raise_on_error=False, tags=_run_tags())
+    ok = ok and corpus.success
+    if _written(io, "synthvlm_selection"):
+        chosen = pl.read_parquet(io.uri("synthvlm_selection"))
+        typer.echo(f"selected {int(chosen['selected'].sum())} of "
+                   f"{int(chosen['best_of_n'].sum())} captions ({chosen.height} images)")
+    for materialization in corpus.asset_materializations_for_node("synthvlm_dataset"):
+        meta = materialization.metadata
+        typer.echo(f"export: {meta['export_dir'].value} ({meta['dagster/row_count'].value} "
+                   "records, manifest.json)")
+    typer.echo(f"wall time: {time.perf_counter() - started:.1f}s")
+    if not ok:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

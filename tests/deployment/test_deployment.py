@@ -1,0 +1,348 @@
+"""The deployment in docker/, checked piece by piece where it can run here (containers cannot):
+the compose file through the compose CLI, the Helm values against the chart's documented keys,
+docker/dagster.yaml loaded by a real DagsterInstance on a real PostgreSQL server, and the code
+location served by `dagster api grpc` and queried over gRPC. Plus the conventions that make the
+GPU settings hold for every asset."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import jsonschema
+import pytest
+import yaml
+from dagster._core.definitions.timestamp import TimestampWithTimezone
+from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
+from dagster._core.remote_representation.code_location import GrpcServerCodeLocation
+
+from tests.support import ROOT
+from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL
+
+DOCKER = ROOT / "docker"
+BIN = Path(sys.executable).parent
+SECRETS = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_PASSWORD": "minio-pw",
+           "UNICORN_LLM_API_KEY": "llm-key"}
+COMPOSE_FILES = ("docker-compose.yaml", "docker-compose.gpu.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- docker compose ---------------------------------------------------------------------------------
+
+def compose_cli() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
+                                 check=False).returncode == 0:
+        return [docker, "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.skip("no compose CLI here: install Docker's compose plugin or Debian's docker-compose")
+
+
+def compose_config(*files: str, env: dict[str, str], profile: str | None = None
+                   ) -> subprocess.CompletedProcess:
+    args = [*compose_cli(), *[a for f in files for a in ("-f", f)]]
+    if profile:
+        args += ["--profile", profile]
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run([*args, "config"], cwd=DOCKER, env={**clean, **env},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_compose_file_is_valid_and_binds_the_webserver_to_localhost():
+    result = compose_config("docker-compose.yaml", env=SECRETS)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert set(config["services"]) >= {"postgres", "minio", "minio-init", "code", "webserver",
+                                       "daemon", "llm"}
+    vllm = config["services"].get("vllm")  # compose v2 leaves it out, v1 lists it
+    assert vllm is None or vllm["profiles"] == ["gpu"]  # started only with --profile gpu
+    ports = json.dumps(config["services"]["webserver"]["ports"])
+    assert "127.0.0.1" in ports and "3000" in ports
+    code_env = config["services"]["code"]["environment"]
+    assert code_env["UNICORN_PROFILE"] == "docker"
+    assert code_env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+
+
+def test_compose_gpu_profile_and_override_add_vllm_and_the_code_gpu():
+    result = compose_config("docker-compose.yaml", "docker-compose.gpu.yaml", env=SECRETS,
+                            profile="gpu")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("vllm", "code"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(missing):
+    result = compose_config("docker-compose.yaml", env={k: v for k, v in SECRETS.items()
+                                                        if k != missing})
+    assert result.returncode != 0
+    assert f"set {missing}" in result.stderr
+
+
+def test_compose_refuses_to_start_with_the_example_env_as_it_is():
+    """env.example, copied to .env unedited, must not start a stack with known secrets."""
+    env = dict(line.split("=", 1) for line in (DOCKER / "env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert {k: env[k] for k in SECRETS} == dict.fromkeys(SECRETS, "")
+    result = compose_config("docker-compose.yaml", env=env)
+    assert result.returncode != 0 and "set " in result.stderr
+
+
+def test_no_secret_has_a_default_and_every_image_is_pinned():
+    """Read from the files themselves, so it holds where no compose CLI is installed: each secret
+    is required (${NAME:?...}, or $${NAME}, the container's own variable), and every image names
+    a release: a tag with a version number, never `latest` or none."""
+    for name in COMPOSE_FILES:
+        text = (DOCKER / name).read_text()
+        assert "change-me" not in text, name
+        for secret in SECRETS:
+            uses = re.findall(r"(?<!\$)\$\{" + secret + r"([^}]*)\}", text)
+            assert all(use.startswith(":?") for use in uses), (name, secret, uses)
+        for service, spec in yaml.safe_load(text)["services"].items():
+            if "image" not in spec:
+                continue
+            image = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", spec["image"])  # its default
+            repository, _, tag = image.rpartition(":")
+            assert repository and "/" not in tag and tag != "latest", (name, service, image)
+            assert re.search(r"\d", tag), (name, service, image)
+    assert "change-me" not in (DOCKER / "env.example").read_text()
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.startswith("ARG PYTHON_VERSION="):
+            assert line.split("=")[1].count(".") == 2, line  # a patch release
+
+
+# --- Helm values ------------------------------------------------------------------------------------
+
+def helm_values() -> dict:
+    return yaml.safe_load((DOCKER / "helm" / "values.yaml").read_text())
+
+
+def helm_schema() -> dict:
+    schema = json.loads((DOCKER / "helm" / "values.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def test_helm_values_follow_the_chart_schema_and_name_this_code_location():
+    values = helm_values()
+    jsonschema.validate(values, helm_schema(), cls=jsonschema.Draft202012Validator)
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    args = deployment["dagsterApiGrpcArgs"]
+    module = args[args.index("--module-name") + 1]
+    attribute = args[args.index("--attribute") + 1]
+    assert module == "dagster_project.definitions" and attribute == "defs"
+    profile = next(e["value"] for e in deployment["env"] if e["name"] == "UNICORN_PROFILE")
+    assert (ROOT / "dagster_project" / "profiles" / f"{profile}.yaml").is_file()
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert values["concurrency"]["pools"]["granularity"] == "op"
+    # The K8sRunLauncher checks run pods and resumes a lost one; then a failed run is retried.
+    monitoring, retries = (values["dagsterDaemon"][k] for k in ("runMonitoring", "runRetries"))
+    assert monitoring["enabled"] and monitoring["maxResumeRunAttempts"] >= 1
+    assert retries["enabled"] and retries["maxRetries"] >= 1
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda v: v["runLauncher"]["config"]["k8sRunLauncher"].update(runK8sConfg={}),  # typo
+    lambda v: v["concurrency"]["pools"].update(granularity="step"),
+    lambda v: v["dagster-user-deployments"]["deployments"][0].pop("port"),
+    lambda v: v["runLauncher"]["config"].pop("k8sRunLauncher"),
+])
+def test_helm_schema_rejects_broken_values(break_it):
+    values = helm_values()
+    break_it(values)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(values, helm_schema(), cls=jsonschema.Draft202012Validator)
+
+
+def test_the_cluster_profile_runs_steps_as_kubernetes_jobs(monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "UNICORN_LLM_API_KEY"):
+        monkeypatch.setenv(name, "x")
+    from dagster_project.definitions import build_definitions
+
+    defs = build_definitions("cluster")
+    job = defs.resolve_job_def("unicorn_shard_job")
+    assert job.executor_def.name == "k8s_job_executor"
+    dg.validate_run_config(job)  # the profile's k8s_job_executor config fits its schema
+
+
+# --- dagster.yaml on a real PostgreSQL --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 (initdb + postgres; as the postgres user when
+    the tests run as root, which PostgreSQL refuses)."""
+    if not shutil.which("initdb") or not shutil.which("postgres"):
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="unicorn-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run([*as_user, "initdb", "-D", str(data), "-U", "dagster", "--auth=trust"],
+                   check=True, capture_output=True, timeout=120)
+    server = subprocess.Popen([*as_user, "postgres", "-D", str(data), "-h", "127.0.0.1",
+                               "-p", str(port), "-k", str(folder)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(port)],
+                         capture_output=True, check=False).returncode != 0:
+        assert server.poll() is None, server.stderr.read().decode()
+        assert time.monotonic() < deadline, "PostgreSQL did not start"
+        time.sleep(0.3)
+    yield {"DAGSTER_POSTGRES_HOST": "127.0.0.1", "DAGSTER_POSTGRES_PORT": str(port),
+           "DAGSTER_POSTGRES_DB": "postgres", "DAGSTER_POSTGRES_USER": "dagster",
+           "DAGSTER_POSTGRES_PASSWORD": "unused-with-trust"}
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_shipped_dagster_yaml_loads_on_postgres(postgres, tmp_path, monkeypatch):
+    env = {**postgres, "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "logs")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(DOCKER / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        pools = instance.get_concurrency_config().pool_config
+        assert pools.default_pool_limit == 1 and pools.pool_granularity.value == "run"
+        # Run monitoring on: no run stays STARTED for ever (DefaultRunLauncher resumes nothing)
+        assert instance.run_monitoring_enabled and instance.run_retries_enabled
+        assert instance.run_monitoring_max_resume_run_attempts == 0
+        assert 0 < instance.run_monitoring_start_timeout_seconds <= 600
+        assert instance.run_monitoring_max_runtime_seconds > 0
+        instance.add_dynamic_partitions("seed_shards", ["shard-a"])
+        assert instance.get_dynamic_partitions("seed_shards") == ["shard-a"]
+
+        # What the compose daemon runs on start: the gpu pool's limit, kept in PostgreSQL.
+        subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", "2"],
+                       env={**os.environ, "DAGSTER_HOME": str(home)}, check=True,
+                       capture_output=True, timeout=120)
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 2
+
+
+def test_a_broken_dagster_yaml_is_refused(postgres, tmp_path, monkeypatch):
+    for key, value in postgres.items():
+        monkeypatch.setenv(key, value)
+    home = tmp_path / "home"
+    home.mkdir()
+    text = (DOCKER / "dagster.yaml").read_text().replace("granularity: run", "granularity: step")
+    (home / "dagster.yaml").write_text(text)
+    with pytest.raises(Exception, match="granularity"):
+        dg.DagsterInstance.from_config(str(home))
+
+
+# --- the code location over gRPC --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_grpc_code_server_serves_the_sensor_schedule_and_jobs(instance, tmp_path):
+    port = free_port()
+    env = {**os.environ, "UNICORN_PROFILE": "local", "UNICORN_DATA_DIR": str(tmp_path / "data"),
+           "DAGSTER_HOME": str(tmp_path)}
+    server = subprocess.Popen(
+        [str(BIN / "dagster"), "api", "grpc", "--module-name", "dagster_project.definitions",
+         "--attribute", "defs", "--host", "127.0.0.1", "--port", str(port),
+         "--location-name", "unicorn"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while subprocess.run([str(BIN / "dagster"), "api", "grpc-health-check", "--port",
+                              str(port)], capture_output=True, env=env,
+                             check=False).returncode != 0:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the code server did not become healthy"
+            time.sleep(1)
+        origin = GrpcServerCodeLocationOrigin(host="127.0.0.1", port=port,
+                                              location_name="unicorn")
+        with GrpcServerCodeLocation(origin=origin, instance=instance) as location:
+            (repository,) = location.get_repositories().values()
+            assert {s.name for s in repository.get_sensors()} == {"new_seed_shards"}
+            (schedule,) = repository.get_schedules()
+            assert schedule.name == "nightly_regeneration"
+            assert schedule.cron_schedule == "0 2 * * *" and schedule.execution_timezone == "UTC"
+            assert repository.has_job("unicorn_shard_job")
+
+            # One tick of each, evaluated by the server as the daemon has it done.
+            tick = location.get_schedule_execution_data(
+                instance, repository.handle, "nightly_regeneration",
+                TimestampWithTimezone(time.time(), "UTC"), None)
+            assert tick.run_requests == [] and "nothing stale over 0 shard(s)" in tick.skip_message
+            data = location.get_sensor_execution_data(
+                instance, repository.handle, "new_seed_shards", None, None, None, None, None)
+            bundled = {"coco-val2017-a", "coco-val2017-b", "fine-grained-birds"}
+            assert {k for r in data.dynamic_partitions_requests for k in r.partition_keys} == bundled
+            assert {r.partition_key for r in data.run_requests} == bundled
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine can outlast the graceful shutdown
+            server.kill()
+            server.wait()
+
+
+# --- conventions over every asset ----------------------------------------------------------------
+
+def test_model_calling_assets_carry_pool_retries_backfill_and_gpu_tags():
+    from dagster_project.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    checked = set()
+    for key in graph.get_all_asset_keys():
+        asset = graph.get(key).assets_def
+        models = {k for k in asset.required_resource_keys
+                  if hasattr(type(defs.resources.get(k)), "model_id")}
+        if not models or asset.op.name in checked:
+            continue
+        checked.add(asset.op.name)
+        assert asset.op.pool == "gpu", asset.op.name
+        retry = asset.op.retry_policy
+        assert retry and retry.max_retries >= 1 and retry.delay and retry.backoff, asset.op.name
+        if asset.partitions_def is not None:
+            assert asset.backfill_policy == SHARD_BACKFILL, asset.op.name
+        if models & {"clip", "diffusion"}:  # a model held on the local GPU
+            tag = asset.op.tags.get("dagster-k8s/config")
+            assert tag and json.loads(tag) == GPU_OP_TAGS["dagster-k8s/config"], asset.op.name
+    assert {"expand_captions"} <= checked
+    assert defs.executor.name == "in_process"
+
+
+def test_the_docker_profile_matches_the_compose_stack(monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "UNICORN_LLM_API_KEY"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    from dagster_project.definitions import build_definitions
+
+    defs = build_definitions("docker")
+    io, seeds = defs.resources["io_manager"], defs.resources["seeds"]
+    assert io.base_uri == "s3://unicorn/data" and seeds.location == "s3://unicorn/seeds"
+    assert io.s3.endpoint_url == "http://minio:9000"
+    assert isinstance(io.s3.secret_access_key, dg.EnvVar)
+    assert defs.resources["llm"].base_urls == ["http://llm:8000/v1"]
+    assert defs.get_sensor_def("new_seed_shards").default_status == dg.DefaultSensorStatus.RUNNING
+    schedule = defs.get_schedule_def("nightly_regeneration")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert defs.executor.name == "in_process"

@@ -1,0 +1,221 @@
+"""Export logic on real files: LLaVA records, safetensors shards and index, manifest checksums,
+the two export checks (each passing and failing), whole-folder publishing, and the export reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import polars as pl
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from unicorn_assets.logic import exports as export
+from unicorn_assets.logic import modality
+from unicorn_assets.logic.modality import ModalityStatistics
+from unicorn_assets.logic.prompts import load_lines
+from unicorn_assets.logic.text import caption_sha256_series, stable_id
+from unicorn_resources.export_reader import UnicornExport
+from unicorn_resources.export_reader import main as load_example_main
+
+DIM = 6
+PROMPTS = load_lines("brief_description/v1.txt")
+
+
+def captions(n: int) -> pl.DataFrame:
+    texts = pl.Series("caption", [f"A photo number {i} of a red kite over a beach."
+                                  for i in range(n)])
+    return pl.DataFrame({"caption_id": [stable_id("c", i) for i in range(n)],
+                         "shard": ["a" if i % 2 else "b" for i in range(n)]}).with_columns(
+        texts, caption_sha256_series(texts))
+
+
+@pytest.fixture
+def source() -> tuple[pl.DataFrame, pl.LazyFrame, ModalityStatistics]:
+    frame = captions(12)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((12, DIM)).astype(np.float32) + 0.5
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    embedded = modality.caption_embeddings_frame(frame, vectors, "clip")
+    summary = modality.summarise(embedded)
+    stats = ModalityStatistics("clip", False, summary.count, DIM, summary.mean, shards=2)
+    return frame, modality.transfer(embedded.lazy(), stats).collect().lazy(), stats
+
+
+def build(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
+          stats: ModalityStatistics, rows_per_file: int = 5) -> export.WrittenExport:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = export.write_export(folder, records, embeddings, stats, rows_per_file)
+    manifest = export.manifest("test", written, stats, export.file_table(folder, written.embedding_files))
+    (folder / export.MANIFEST).write_text(json.dumps(manifest))
+    return written
+
+
+def local(folder: Path) -> export.ExportFolder:
+    return export.ExportFolder(LocalFileSystem(), str(folder))
+
+
+def test_pretrain_records_are_llava_brief_descriptions():
+    frame = captions(30)
+    records = export.pretrain_records(frame.lazy(), PROMPTS).collect()
+    assert records["id"].to_list() == frame["caption_id"].to_list()
+    first = records["conversations"][0].to_list()
+    assert [t["from"] for t in first] == ["human", "gpt"]
+    assert first[0]["value"].removeprefix("<image>\n") in PROMPTS
+    assert first[1]["value"] == frame["caption"][0]
+    chosen = {c[0]["value"] for c in records["conversations"].to_list()}
+    assert len(chosen) > 3  # the prompt varies across records ...
+    again = export.pretrain_records(frame.lazy(), PROMPTS).collect()
+    assert again.equals(records)  # ... and is the same on every export
+    with pytest.raises(ValueError):
+        export.pretrain_records(frame.lazy(), ())
+
+
+def test_write_export_shards_index_and_loads_back(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    records = export.pretrain_records(frame.lazy(), PROMPTS)
+    written = build(tmp_path / "out", records, embeddings, stats, rows_per_file=5)
+    assert (written.records, written.embeddings) == (12, 12)
+    assert list(written.embedding_files.values()) == [5, 5, 2]
+
+    data = UnicornExport(tmp_path / "out")
+    expected = dict(zip(*embeddings.collect().select("caption_id", "embedding").to_dict().values()))
+    count = 0
+    for record in data.records():
+        np.testing.assert_array_equal(data.embedding(record), np.asarray(expected[record["caption_id"]],
+                                                                         dtype=np.float32))
+        count += 1
+    assert count == 12
+    index = pl.read_parquet(tmp_path / "out" / export.INDEX)
+    assert index.columns == ["id", "file", "row"] and index["id"].n_unique() == 12
+    manifest = data.manifest
+    assert manifest["statistics_version"] == stats.version and manifest["embedding"]["dim"] == DIM
+    assert manifest["transfer"]["formula"] == modality.TRANSFER_FORMULA
+    assert "untrained" in manifest["note"]
+    assert set(manifest["files"]) == {export.RECORDS, export.INDEX, export.STATISTICS,
+                                      *written.embedding_files}
+    assert export.checksums_match(local(tmp_path / "out")).passed
+    assert export.records_resolve(local(tmp_path / "out")).passed
+
+
+def test_records_of_one_caption_share_its_embedding(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    used = frame["caption_id"][:3].to_list()
+    digest = dict(zip(frame["caption_id"], frame["caption_sha256"]))
+    instructions = pl.LazyFrame({
+        "id": ["i1", "i2", "i3", "i4"], "caption_id": [used[0], used[0], used[1], used[2]],
+        "caption_sha256": [digest[used[0]], digest[used[0]], digest[used[1]], digest[used[2]]],
+        "task_type": ["multiple_choice", "question_answering", "multi_turn", "complex_reasoning"],
+        "conversations": [[{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]] * 4,
+    })
+    written = build(tmp_path / "out", export.instruct_records(instructions), embeddings, stats)
+    assert (written.records, written.embeddings) == (4, 3)  # only the captions the records use
+    pointers = [r["embedding"] for r in UnicornExport(tmp_path / "out").records()]
+    assert pointers[0] == pointers[1] != pointers[2]
+    assert export.records_resolve(local(tmp_path / "out")).passed
+
+
+def test_export_refuses_embeddings_of_other_statistics(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    other = ModalityStatistics("clip", False, stats.count + 1, DIM, stats.mu_text, shards=3)
+    with pytest.raises(ValueError, match="re-materialise transferred_embeddings"):
+        export.write_export(tmp_path, export.pretrain_records(frame.lazy(), PROMPTS), embeddings,
+                            other, 5)
+
+
+def test_checksum_check_fails_on_changed_missing_or_extra_files(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    folder = tmp_path / "out"
+    build(folder, export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
+    assert export.checksums_match(local(folder)).passed
+
+    records = folder / export.RECORDS
+    records.write_text(records.read_text().replace("red kite", "red kits", 1))
+    outcome = export.checksums_match(local(folder))
+    assert not outcome.passed and outcome.metadata["mismatched"] == [export.RECORDS]
+
+    build(folder, export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
+    (folder / "stray.txt").write_text("x")
+    (folder / "embeddings" / "embeddings-00002.safetensors").unlink()
+    outcome = export.checksums_match(local(folder))
+    assert not outcome.passed
+    assert outcome.metadata["unlisted"] == ["stray.txt"]
+    assert outcome.metadata["missing"] == ["embeddings/embeddings-00002.safetensors"]
+    assert not export.checksums_match(local(tmp_path / "none")).passed
+
+
+def test_resolve_check_fails_on_unindexed_duplicated_or_dangling_records(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    folder = tmp_path / "out"
+    build(folder, export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
+    index = pl.read_parquet(folder / export.INDEX)
+
+    index.slice(1).write_parquet(folder / export.INDEX)  # a record lost its entry
+    assert export.records_resolve(local(folder)).metadata["not_once"] == 1
+    pl.concat([index, index.head(1)]).write_parquet(folder / export.INDEX)  # listed twice
+    assert not export.records_resolve(local(folder)).passed
+    index.with_columns(pl.when(pl.col("id") == index["id"][0]).then(99).otherwise(pl.col("row"))
+                       .alias("row")).write_parquet(folder / export.INDEX)  # row past the file
+    outcome = export.records_resolve(local(folder))
+    assert not outcome.passed and outcome.metadata["dangling"] == 1
+    index.write_parquet(folder / export.INDEX)
+    assert export.records_resolve(local(folder)).passed
+
+
+def test_a_record_without_embedding_does_not_resolve(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    missing = embeddings.filter(pl.col("caption_id") != frame["caption_id"][3])
+    build(tmp_path / "out", export.pretrain_records(frame.lazy(), PROMPTS), missing, stats)
+    outcome = export.records_resolve(local(tmp_path / "out"))
+    assert not outcome.passed and outcome.metadata["dangling"] == 1
+
+
+def test_publish_replaces_the_previous_export_whole(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    fs, target = LocalFileSystem(), str(tmp_path / "exports" / "pretrain")
+    for rows_per_file in (3, 5):  # the second export has fewer embedding files
+        staging = export.staging_folder(fs, target)
+        assert staging.parent == Path(target).parent
+        build(staging, export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats,
+              rows_per_file)
+        export.publish(staging, fs, target)
+    files = sorted(p.relative_to(target).as_posix() for p in Path(target).rglob("*") if p.is_file())
+    assert [f for f in files if f.startswith("embeddings/")] == [
+        f"embeddings/embeddings-0000{i}.safetensors" for i in range(3)]  # no file of the first
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["pretrain"]  # no temp left
+    assert export.checksums_match(local(Path(target))).passed
+
+
+def test_publish_to_an_object_store_writes_the_manifest_last(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/exports/pretrain/embeddings/embeddings-00009.safetensors", b"old")
+    written = []
+    put = fs.put_file
+    fs.put_file = lambda local_path, remote, **kw: (written.append(remote), put(local_path, remote))
+    staging = export.staging_folder(fs, "/bucket/exports/pretrain")
+    build(staging, export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
+    export.publish(staging, fs, "/bucket/exports/pretrain")
+    assert written[-1].endswith(export.MANIFEST)
+    assert not fs.exists("/bucket/exports/pretrain/embeddings/embeddings-00009.safetensors")
+    assert not staging.exists()
+    assert export.checksums_match(export.ExportFolder(fs, "/bucket/exports/pretrain")).passed
+
+
+def test_git_revision(monkeypatch):
+    monkeypatch.setenv("UNICORN_GIT_REVISION", "abc123")
+    assert export.git_revision() == "abc123"
+    monkeypatch.delenv("UNICORN_GIT_REVISION")
+    assert export.git_revision()  # a commit here, "unknown" outside a checkout
+
+
+def test_load_example_prints_a_record_and_its_embedding(tmp_path: Path, source, capsys):
+    frame, embeddings, stats = source
+    build(tmp_path / "out", export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
+    record_id = frame["caption_id"][7]
+    load_example_main(str(tmp_path / "out"), record_id)
+    out = capsys.readouterr().out
+    assert f"record {record_id}:" in out and f"shape ({DIM},), dtype float32" in out
+    assert "gpt: 'A photo number 7 of a red kite" in out

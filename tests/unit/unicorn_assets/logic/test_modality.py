@@ -1,0 +1,234 @@
+"""Stage 3 logic (streamed statistics, the mean shift, the check rules: each passing and failing)
+and its Dagster assets on a real instance: a reference-image mean from real COCO images, and a
+broken encoder stopped by the blocking checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from tests.support import COCO_PAIRS, make_resources, materialize_shard
+from unicorn_assets.caption_seeds import read_caption_seeds
+from unicorn_assets.expansion import expand_captions
+from unicorn_assets.logic import modality
+from unicorn_assets.logic.modality import ModalityStatistics
+from unicorn_assets.logic.text import caption_sha256
+from unicorn_assets.modality import (
+    caption_embeddings,
+    modality_statistics,
+    stage3_checks,
+    transferred_embeddings,
+)
+from unicorn_assets.partitions import SEED_SHARDS
+from unicorn_resources.clip import OpenClipResource
+
+DIM = 8
+
+
+def unit_rows(n: int, seed: int, offset: float = 0.3) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32) + offset
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def shard_frame(shard: str, vectors: np.ndarray, model: str = "m") -> pl.DataFrame:
+    captions = pl.DataFrame({"caption_id": [f"{shard}-{i}" for i in range(len(vectors))],
+                             "caption_sha256": [caption_sha256(f"{shard}-{i}")
+                                                for i in range(len(vectors))],
+                             "shard": shard})
+    return modality.caption_embeddings_frame(captions, vectors, model)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[pl.LazyFrame, np.ndarray]:
+    """Three shard files, as the IO manager stores them, and all their vectors."""
+    parts = [unit_rows(n, seed) for seed, n in enumerate((7, 11, 5))]
+    for i, vectors in enumerate(parts):
+        shard_frame(f"s{i}", vectors).write_parquet(tmp_path / f"s{i}.parquet")
+    return pl.scan_parquet(sorted(tmp_path.glob("s*.parquet"))), np.concatenate(parts)
+
+
+def stats_of(summary: modality.EmbeddingSummary, mu_image=None) -> ModalityStatistics:
+    return ModalityStatistics("m", False, summary.count, summary.dim, summary.mean, shards=3,
+                              image_count=0 if mu_image is None else 4, mu_image=mu_image,
+                              image_source=None if mu_image is None else "imgs")
+
+
+def test_embeddings_frame_has_fixed_size_float32_arrays():
+    frame = shard_frame("s", unit_rows(3, 0))
+    assert frame.schema["embedding"] == pl.Array(pl.Float32, DIM)
+    assert frame["model_id"].to_list() == ["m"] * 3
+    with pytest.raises(ValueError, match="2 embeddings for 3 captions"):
+        modality.caption_embeddings_frame(frame, unit_rows(2, 0), "m")
+
+
+def test_streamed_statistics_equal_the_in_memory_mean(corpus):
+    lazy, vectors = corpus
+    summary, shards = modality.text_statistics(lazy, batch_rows=4)  # many small batches
+    assert (summary.count, summary.dim, shards) == (23, DIM, 3)
+    np.testing.assert_allclose(summary.mean, vectors.astype(np.float64).mean(axis=0), atol=1e-12)
+
+
+def test_statistics_refuse_mixed_encoders_empty_and_nan(tmp_path: Path):
+    mixed = pl.concat([shard_frame("a", unit_rows(3, 0), "clip-1"),
+                       shard_frame("b", unit_rows(3, 1), "clip-2")])
+    with pytest.raises(ValueError, match="mixes encoders"):
+        modality.text_statistics(mixed)
+    with pytest.raises(ValueError, match="no rows"):
+        modality.text_statistics(mixed.clear())
+    bad = unit_rows(3, 0)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        modality.text_statistics(shard_frame("a", bad))
+
+
+def test_statistics_version_follows_content():
+    summary = modality.summarise(shard_frame("a", unit_rows(5, 0)))
+    stats = stats_of(summary)
+    again = ModalityStatistics.from_frame(stats.to_frame())
+    assert again.version == stats.version and np.array_equal(again.mu_text, stats.mu_text)
+    grown = modality.summarise(shard_frame("a", unit_rows(6, 0)))
+    assert stats_of(grown).version != stats.version
+    assert stats_of(summary, mu_image=np.ones(DIM) / 3).version != stats.version
+    tampered = stats.to_frame().with_columns(pl.lit(99, dtype=pl.Int64).alias("count"))
+    with pytest.raises(ValueError, match="does not match its content"):
+        ModalityStatistics.from_frame(tampered)
+
+
+def test_statistics_valid_rule():
+    stats = stats_of(modality.summarise(shard_frame("a", unit_rows(5, 0))))
+    assert modality.statistics_valid(stats.to_frame()).passed
+    nan = ModalityStatistics("m", False, 5, DIM, np.full(DIM, np.nan), shards=1)
+    assert not modality.statistics_valid(nan.to_frame()).passed
+    empty = ModalityStatistics("m", False, 0, DIM, np.zeros(DIM), shards=0)
+    assert not modality.statistics_valid(empty.to_frame()).passed
+    edited = stats.to_frame().with_columns(pl.lit("0" * 16).alias("statistics_version"))
+    assert not modality.statistics_valid(edited).passed
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_transfer_matches_the_formula(corpus, with_image):
+    lazy, vectors = corpus
+    summary, _ = modality.text_statistics(lazy)
+    mu_image = unit_rows(1, 9)[0].astype(np.float64) if with_image else None
+    stats = stats_of(summary, mu_image)
+    out = modality.transfer(lazy, stats).collect()
+    expected = vectors - summary.mean + (mu_image if with_image else 0)
+    norms = np.linalg.norm(expected, axis=1)
+    np.testing.assert_allclose(out["embedding"].to_numpy(), expected / norms[:, None], atol=1e-5)
+    np.testing.assert_allclose(out["shift_norm"].to_numpy(), norms, rtol=1e-5)
+    assert out["statistics_version"].unique().to_list() == [stats.version]
+    shifted = modality.summarise(out, weight="shift_norm", tag="statistics_version")
+    assert modality.shifted_mean(shifted, stats, 1e-5).passed
+    assert modality.norms_in_range(shifted, 1 - 1e-4, 1 + 1e-4).passed
+    assert modality.single_version(shifted, stats).passed
+
+
+def test_shifted_mean_fails_when_shards_used_different_means(corpus):
+    lazy, _ = corpus
+    summary, _ = modality.text_statistics(lazy)
+    stats = stats_of(summary)
+    old = stats_of(modality.summarise(lazy.filter(pl.col("shard") != "s2")))  # before s2 arrived
+    mixed = pl.concat([modality.transfer(lazy.filter(pl.col("shard") != "s2"), old),
+                       modality.transfer(lazy.filter(pl.col("shard") == "s2"), stats)]).collect()
+    shifted = modality.summarise(mixed, weight="shift_norm", tag="statistics_version")
+    outcome = modality.shifted_mean(shifted, stats, 1e-4)
+    assert not outcome.passed and outcome.metadata["distance"] > 1e-3
+    versions = modality.single_version(shifted, stats)
+    assert not versions.passed and len(versions.metadata["versions"]) == 2
+    # the stale statistics cover fewer captions than the shifted rows: refused too
+    assert not modality.single_version(
+        modality.summarise(modality.transfer(lazy, old), tag="statistics_version"), old).passed
+
+
+def test_dimension_finite_and_norm_rules():
+    good = modality.summarise(shard_frame("a", unit_rows(4, 0)))
+    assert modality.dimension(good, DIM).passed
+    assert not modality.dimension(good, DIM * 2).passed
+    assert modality.finite(good).passed
+    assert modality.norms_in_range(good, 0.999, 1.001).passed
+    bad = unit_rows(4, 0)
+    bad[0] *= 2
+    bad[3, 0] = np.inf
+    broken = modality.summarise(shard_frame("a", bad))
+    assert not modality.finite(broken).passed and broken.nonfinite_rows == 1
+    assert not modality.norms_in_range(broken, 0.999, 1.001).passed
+    assert not modality.finite(modality.summarise(shard_frame("a", unit_rows(4, 0)).clear())).passed
+
+
+def test_row_alignment_rule():
+    ids = pl.Series(["a", "b", "c"])
+    assert modality.row_alignment(ids, pl.Series(["c", "a", "b"])).passed
+    for embedded, key in ((["a", "b"], "missing"), (["a", "b", "c", "d"], "extra"),
+                          (["a", "b", "c", "c"], "duplicates")):
+        outcome = modality.row_alignment(ids, pl.Series(embedded))
+        assert not outcome.passed and outcome.metadata[key] == 1
+
+
+def test_reference_images(tmp_path: Path):
+    found = modality.reference_images(COCO_PAIRS.parent)
+    assert found and all(p.suffix == ".jpg" for p in found)
+    with pytest.raises(FileNotFoundError, match="reference_images"):
+        modality.reference_images(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no images"):
+        modality.reference_images(tmp_path)
+
+
+# --- the Dagster assets ---------------------------------------------------------------------
+
+STAGE3 = [read_caption_seeds, expand_captions, caption_embeddings, *stage3_checks]
+
+
+def failed(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_check_evaluation_data.asset_check_key.name for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and not e.asset_check_evaluation_data.passed}
+
+
+def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_dir, fake_llm):
+    resources = make_resources(tmp_path / "data", seed_dir, llm=fake_llm)
+    for key in ("shard-a", "shard-b"):
+        result = materialize_shard(instance, resources, key, STAGE3,
+                                   selection=[dg.AssetKey(a) for a in ("caption_seeds",
+                                              "caption_seed_rejects", "expanded_captions",
+                                              "expanded_caption_rejects", "caption_embeddings")])
+        assert result.success and not failed(result)
+    corpus = dg.materialize(
+        [*STAGE3, modality_statistics, transferred_embeddings],
+        selection=[modality_statistics, transferred_embeddings], instance=instance,
+        resources=resources, run_config={"ops": {"modality_statistics": {"config": {
+            "reference_images": str(COCO_PAIRS.parent)}}}})
+    assert corpus.success and not failed(corpus), failed(corpus)
+    stats = ModalityStatistics.from_frame(pl.read_parquet(tmp_path / "data" / "modality_statistics.parquet"))
+    images = len(modality.reference_images(COCO_PAIRS.parent))
+    assert stats.image_count == images and stats.mu_image is not None
+    expected = OpenClipResource().encode_images(
+        [Image.open(p) for p in modality.reference_images(COCO_PAIRS.parent)]).mean(axis=0)
+    np.testing.assert_allclose(stats.mu_image, expected, atol=1e-5)
+    meta = corpus.asset_materializations_for_node("modality_statistics")[0].metadata
+    assert meta["transfer"].value["image_count"] == images
+    assert "untrained" in meta["model_note"].value
+
+
+class BrokenClip(OpenClipResource):
+    """The tiny CLIP, but one caption's vector comes back NaN (an fp16 overflow, say) and another
+    unnormalised."""
+
+    def encode_text(self, texts):
+        vectors = super().encode_text(texts)
+        vectors[0] = np.nan
+        vectors[1] *= 2
+        return vectors
+
+
+def test_broken_embeddings_are_blocked(tmp_path: Path, instance, seed_dir, fake_llm):
+    resources = make_resources(tmp_path / "data", seed_dir, llm=fake_llm)
+    resources["clip"] = BrokenClip()
+    instance.add_dynamic_partitions(SEED_SHARDS, ["shard-a"])
+    result = materialize_shard(instance, resources, "shard-a", STAGE3, raise_on_error=False)
+    assert {"finite", "norms_in_range"} <= failed(result)
+    assert {"row_alignment", "embedding_dimension"}.isdisjoint(failed(result))

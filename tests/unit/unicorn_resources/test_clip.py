@@ -1,0 +1,126 @@
+"""The CLIP resource (a tiny, randomly initialised open_clip model) and OOM-halving batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.support import COCO_PAIRS
+from unicorn_resources.batching import BatchTooLargeError, OomBatcher
+from unicorn_resources.clip import BUNDLED_MODEL_CONFIGS, OpenClipResource
+
+TEXTS = ["A woman stands in the dining area at the table.", "Two dogs play in the snow.",
+         "A red bus parked beside a brick building.", "A plate of pasta with basil.",
+         "A man rides a wave on a surfboard."]
+
+
+def oom_above(limit: int, calls: list[int]):
+    def fn(batch):
+        calls.append(len(batch))
+        if len(batch) > limit:
+            raise torch.cuda.OutOfMemoryError(f"fake OOM on {len(batch)} items")
+        return [x * 10 for x in batch]
+    return fn
+
+
+def test_oom_halves_the_batch_and_keeps_every_item_in_order():
+    calls: list[int] = []
+    logged: list[str] = []
+    batcher = OomBatcher(16, log=logged.append)
+    out = batcher.map(oom_above(3, calls), list(range(37)))
+    assert [x for batch in out for x in batch] == [x * 10 for x in range(37)]
+    assert calls[:4] == [16, 8, 4, 2]  # halved until it fits
+    assert batcher.batch_size == 2  # and stays small for the rest of the run
+    assert all(size <= 2 for size in calls[4:])
+    assert len(logged) == 3 and "retrying with batch size 2" in logged[-1]
+
+
+def test_oom_on_a_single_item_fails_clearly():
+    with pytest.raises(BatchTooLargeError, match="single CLIP"):
+        OomBatcher(4, what="CLIP").map(oom_above(0, []), [1, 2, 3])
+
+
+def test_other_errors_are_not_swallowed():
+    def broken(batch):
+        raise ValueError("not an OOM")
+    with pytest.raises(ValueError, match="not an OOM"):
+        OomBatcher(4).map(broken, [1, 2])
+
+
+def test_invalid_batch_size():
+    with pytest.raises(ValueError):
+        OomBatcher(0)
+
+
+@pytest.fixture(scope="module")
+def clip() -> OpenClipResource:
+    return OpenClipResource(batch_size=2)
+
+
+def test_tiny_clip_describes_itself_without_loading():
+    res = OpenClipResource()
+    assert (res.embedding_dim, res.image_size) == (64, 64)
+    assert not res.is_pretrained and "untrained" in res.model_id
+    assert res._model is None
+    assert OpenClipResource(model_name="ViT-L-14-336", pretrained="openai").embedding_dim == 768
+    assert OpenClipResource(model_name="ViT-L-14-336", pretrained="openai").is_pretrained
+
+
+def test_text_embeddings_are_normalised_batched_and_deterministic(clip):
+    emb = clip.encode_text(TEXTS)
+    assert emb.shape == (len(TEXTS), 64) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    one_batch = OpenClipResource(batch_size=64).encode_text(TEXTS)  # same seed, other batching
+    np.testing.assert_allclose(emb, one_batch, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1])  # different texts, different vectors
+    other_seed = OpenClipResource(init_seed=1).encode_text(TEXTS)
+    assert not np.allclose(emb, other_seed)
+    assert clip.encode_text([]).shape == (0, 64)
+
+
+def test_image_embeddings_of_real_images(clip):
+    folder = COCO_PAIRS.parent
+    paths = sorted({json.loads(line)["image"] for line in COCO_PAIRS.open()})[:3]
+    images = [Image.open(folder / p) for p in paths]
+    emb = clip.encode_images(images)
+    assert emb.shape == (3, 64) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    grey = Image.new("L", (200, 120), 128)  # any mode and size: preprocess resizes and converts
+    assert clip.encode_images([grey]).shape == (1, 64)
+
+
+def test_resource_survives_oom(monkeypatch):
+    res = OpenClipResource(batch_size=8)
+    expected = res.encode_text(TEXTS)
+    real = res._model.encode_text
+
+    def flaky(tokens):
+        if tokens.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return real(tokens)
+
+    monkeypatch.setattr(res._model, "encode_text", flaky)
+    res._batcher.batch_size = 8
+    np.testing.assert_allclose(res.encode_text(TEXTS), expected, atol=1e-5)
+    assert res.runtime["batch_size"] == 2
+
+
+def test_own_model_config_file(tmp_path: Path):
+    config = json.loads((Path(BUNDLED_MODEL_CONFIGS) / "tiny-clip.json").read_text())
+    config["embed_dim"] = 24
+    path = tmp_path / "my-clip.json"
+    path.write_text(json.dumps(config))
+    res = OpenClipResource(model_name="my-clip", model_config_path=str(path))
+    assert res.encode_text(TEXTS[:2]).shape == (2, 24)
+
+
+def test_unknown_model_names_fail_clearly(tmp_path: Path):
+    with pytest.raises(ValueError, match="no model config 'nope'"):
+        _ = OpenClipResource(model_name="nope").embedding_dim
+    with pytest.raises(FileNotFoundError, match="model_config_path"):
+        _ = OpenClipResource(model_config_path=str(tmp_path / "missing.json")).embedding_dim

@@ -1,0 +1,158 @@
+"""Stage 1: `expanded_captions` (and `expanded_caption_rejects`), one LLM batch per shard."""
+
+import time
+from collections.abc import Iterator
+
+import dagster as dg
+import polars as pl
+
+from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks
+from unicorn_assets.logic import pairing, quality
+from unicorn_assets.logic.expansion import (
+    CAPTION_REJECT_SCHEMA,
+    CAPTION_SCHEMA,
+    REJECT_REASONS,
+    CaptionFilters,
+    assemble_captions,
+    filter_captions,
+    plan_expansions,
+    reject_counts,
+)
+from unicorn_assets.logic.prompts import load_prompt_set
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.sharding import split_by_shard
+from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
+
+# Bumped when caption ids or their keys change (2: qualified by the shard; 3: a caption_sha256
+# column), so the nightly run regenerates shards made before; their LLM requests are unchanged,
+# so the response cache answers them.
+CAPTION_ID_VERSION = "ids-3"
+UNTRAINED_NOTE = "stand-in model: its text is meaningless, for tests and overhead benchmarks only"
+
+
+class ExpansionConfig(dg.Config):
+    prompt: str = "stage1_expand"
+    prompt_version: str = "v1"
+    styles: list[str] = ["objects", "attributes", "spatial", "lighting", "background"]
+    expansions_per_seed: int = 2
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 160
+    repeat_penalty: float = 1.1
+    sampling_seed: int = 1234
+    min_words: int = 15
+    max_words: int = 300
+    max_repeated_trigram_ratio: float = 0.3
+    min_new_words: int = 5
+    near_duplicate_threshold: float = 0.85
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                              max_tokens=self.max_tokens, repeat_penalty=self.repeat_penalty)
+
+    def filters(self) -> CaptionFilters:
+        return CaptionFilters(
+            min_words=self.min_words, max_words=self.max_words,
+            max_repeated_trigram_ratio=self.max_repeated_trigram_ratio,
+            min_new_words=self.min_new_words, near_duplicate_threshold=self.near_duplicate_threshold,
+        )
+
+
+def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
+    generated = sum(c.completion_tokens for c in completions if not c.cached)  # by the model now
+    hits = sum(1 for c in completions if c.cached)
+    meta = {
+        "model_id": llm.model_id,
+        "llm_requests": len(completions),
+        "tokens_generated": generated,
+        "tokens_prompt": sum(c.prompt_tokens for c in completions),
+        "generation_seconds": round(seconds, 3),
+        "tokens_per_second": round(generated / seconds, 2) if seconds > 0 else 0.0,
+        "cache_hits": hits,
+        "cache_hit_rate": round(hits / len(completions), 4) if completions else 0.0,
+    }
+    if not llm.is_trained_model:
+        meta["model_note"] = UNTRAINED_NOTE
+    return meta
+
+
+@dg.multi_asset(
+    outs={
+        "expanded_captions": dg.AssetOut(
+            description="Detailed captions expanded from the seeds by the LLM (K per seed), "
+            "filtered and de-duplicated, with full lineage.", kinds={"polars", "parquet"},
+            code_version=CAPTION_ID_VERSION),
+        "expanded_caption_rejects": dg.AssetOut(
+            description="Expanded captions the filters removed, each with its reason.",
+            kinds={"polars", "parquet"}, code_version=CAPTION_ID_VERSION),
+    },
+    partitions_def=seed_shards,
+    group_name="unicorn_stage1",
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+)
+def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
+                    llm: LLMResource, caption_seeds: pl.DataFrame) -> Iterator[dg.Output]:
+    prompts = load_prompt_set(config.prompt, config.prompt_version)
+    plan = plan_expansions(caption_seeds, prompts, config.styles, config.expansions_per_seed,
+                           config.sampling_seed)
+    requests = [
+        ChatRequest.of(prompts.messages(style, caption=caption), seed=seed)
+        for style, caption, seed in plan.select("style", "seed_caption", "sampling_seed").iter_rows()
+    ]
+    params = config.sampling()
+    started = time.perf_counter()
+    completions = llm.generate(requests, params) if requests else []
+    seconds = time.perf_counter() - started
+
+    captions = assemble_captions(plan, completions, llm.model_id, prompts, params.as_dict())
+    kept, rejected = {}, {}
+    for key, shard_captions in split_by_shard(captions, context.partition_keys).items():
+        kept[key], rejected[key] = filter_captions(shard_captions, config.filters())
+        context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
+                         f"rejected {reject_counts(rejected[key])}")
+    add_shard_metadata(context, "expanded_captions", lambda key: frame_metadata(
+        kept[key], ["caption_id", "style", "caption"],
+        rejects_by_reason=reject_counts(rejected[key])))
+    add_shard_metadata(context, "expanded_caption_rejects", lambda key: frame_metadata(
+        rejected[key], ["reason", "caption"], rejects_by_reason=reject_counts(rejected[key])))
+    run = {"shards_in_run": len(kept)}
+    yield dg.Output(kept, "expanded_captions", metadata={
+        **run, "prompt_version": prompts.ref, **llm_metadata(llm, completions, seconds)})
+    yield dg.Output(rejected, "expanded_caption_rejects", metadata=run)
+
+
+expanded_captions_reject_rate = reject_rate_check(
+    "expanded_captions", "expanded_caption_rejects", "caption_max_reject_rate", reject_counts,
+    description="share of expanded captions rejected, under "
+                "quality_gates.caption_max_reject_rate")
+
+
+stage1_checks = [
+    *standard_checks("expanded_captions", schema=CAPTION_SCHEMA, id_column="caption_id",
+                     required=["caption_id", "seed_id", "caption", "caption_sha256", "model_id",
+                               "prompt_version"]),
+    expanded_captions_reject_rate,
+    frame_check("expanded_captions", "caption_length",
+                lambda df, q: quality.length_distribution(
+                    df["n_words"], q.caption_min_median_words, q.caption_max_median_words,
+                    q.caption_max_p95_words),
+                blocking=True, description="median and p95 caption length in words within bounds"),
+    frame_check("expanded_captions", "caption_digest",
+                lambda df, q: pairing.digests_match_text(df), blocking=True,
+                description="caption_sha256 is the SHA-256 of the caption text, on every row"),
+    frame_check("expanded_captions", "near_duplicate_rate",
+                lambda df, q: quality.near_duplicate_rate(
+                    df["caption"].to_list(), q.near_duplicate_threshold, q.max_near_duplicate_rate),
+                blocking=True, description="near duplicates left after the filter, measured by "
+                "exact shingle Jaccard on a sample (independent of the MinHash filter)"),
+    *standard_checks("expanded_caption_rejects", schema=CAPTION_REJECT_SCHEMA, id_column=None,
+                     required=["caption_id", "reason"], non_empty=False),
+    frame_check("expanded_caption_rejects", "known_reasons",
+                lambda df, q: quality.Outcome(
+                    df.filter(~pl.col("reason").is_in(list(REJECT_REASONS))).height == 0,
+                    "every reject reason is a known filter"),
+                blocking=False, description="every reject names one of the known filters"),
+]

@@ -1,0 +1,271 @@
+"""Stage 2: `instructions` (and `instruction_rejects`), one LLM batch per attempt per run."""
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import dagster as dg
+import polars as pl
+from pydantic import Field, create_model, model_validator
+
+from unicorn_assets.checks import (
+    frame_check,
+    reject_rate_check,
+    run_shards,
+    standard_checks,
+    to_result,
+)
+from unicorn_assets.expansion import llm_metadata
+from unicorn_assets.logic import quality
+from unicorn_assets.logic.instructions import (
+    INSTRUCTION_REJECT_SCHEMA,
+    INSTRUCTION_SCHEMA,
+    REJECT_REASONS,
+    InstructionSettings,
+    dialogue_preview,
+    generate_instructions,
+    image_token_ok,
+    json_validity,
+    load_prompts,
+    mc_answers_in_options,
+    plan_instructions,
+    reject_counts,
+    task_counts,
+    well_formed,
+)
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.sharding import split_by_shard
+from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
+from unicorn_resources.quality_gates import QualityGates
+
+# Unicorn v2 made 171K multiple-choice, 199K QA and 100K complex-reasoning records.
+PAPER_MIX = {"multiple_choice": 171.0, "question_answering": 199.0, "complex_reasoning": 100.0,
+             "multi_turn": 0.0}
+
+
+class InstructionDefaults(dg.ConfigurableResource):
+    """Stage 2 settings of the deployment (resource `stage2`, the profile's `stage2:` section). Every
+    run uses them, whatever launched it (job, schedule, sensor, backfill, Materialize in the UI);
+    a run's own config (`InstructionConfig`) overrides any field it sets. The defaults follow
+    Unicorn v2: 6-8 QA pairs per record, every caption, the paper's task mix."""
+
+    prompt_version: str = Field("v1", description="version of prompts/stage2_<task>/")
+    task_mix: dict[str, float] = Field(
+        PAPER_MIX, description="weight per task type (multiple_choice, question_answering, "
+        "complex_reasoning, multi_turn); each caption draws one, seeded by its id")
+    qa_pairs_min: int = Field(6, ge=1, le=50, description="QA pairs per record, min (paper: 6-8)")
+    qa_pairs_max: int = Field(8, ge=1, le=50, description="QA pairs per record, max")
+    multi_turn_min: int = Field(2, ge=1, le=50, description="turns of a multi_turn dialogue, min")
+    multi_turn_max: int = Field(3, ge=1, le=50, description="turns of a multi_turn dialogue, max")
+    max_captions_per_shard: int = Field(
+        0, ge=0, description="use only the first N captions of each shard (demo budgets); 0: all")
+    max_attempts: int = Field(3, ge=1, le=100,
+                              description="attempts per record; each retry has a new seed")
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens_per_turn: int = Field(160, ge=1, le=32768,
+                                     description="token budget = this x the most turns")
+    repeat_penalty: float = Field(1.1, gt=0, le=10)
+    sampling_seed: int = Field(4321, ge=0)
+    restate_threshold: float = Field(
+        0.9, ge=0, le=1, description="an answer whose word set overlaps the question's this much "
+        "(Jaccard) restates it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InstructionDefaults":
+        """min <= max turns, known task types, weights >= 0 with a positive sum."""
+        try:
+            for low, high in (("qa_pairs_min", "qa_pairs_max"),
+                              ("multi_turn_min", "multi_turn_max")):
+                if getattr(self, low) > getattr(self, high):
+                    raise ValueError(f"{low} ({getattr(self, low)}) is above {high} "
+                                     f"({getattr(self, high)}); raise {high} or lower {low}")
+            self.settings()
+        except TypeError:  # a value still to be resolved at run time (EnvVar)
+            pass
+        return self
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The values, for the staleness digest: a changed setting marks Stage 2 stale."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def overridden_by(self, config: "InstructionConfig") -> "InstructionDefaults":
+        """These settings, with every field that the run's config sets (non-null) replaced."""
+        overrides = {k: v for k, v in config.model_dump().items() if v is not None}
+        return InstructionDefaults(**{**self.recipe, **overrides})
+
+    def settings(self) -> InstructionSettings:
+        pairs, dialogue = (self.qa_pairs_min, self.qa_pairs_max), (self.multi_turn_min,
+                                                                   self.multi_turn_max)
+        return InstructionSettings(
+            task_mix=self.task_mix,
+            turns={"multiple_choice": pairs, "question_answering": pairs,
+                   "complex_reasoning": pairs, "multi_turn": dialogue},
+            base_seed=self.sampling_seed, max_attempts=self.max_attempts,
+            restate_threshold=self.restate_threshold,
+            max_captions_per_shard=self.max_captions_per_shard or None,
+        )
+
+    def sampling(self) -> SamplingParams:
+        turns = max(self.qa_pairs_max, self.multi_turn_max)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                              max_tokens=self.max_tokens_per_turn * turns,
+                              repeat_penalty=self.repeat_penalty)
+
+
+# The run config: every field of InstructionDefaults, optional; null keeps the deployment's value.
+InstructionConfig = create_model(
+    "InstructionConfig", __base__=dg.Config,
+    __doc__="Overrides of the deployment's Stage 2 settings (resource `stage2`) for this run; "
+            "a null field keeps the deployment's value.",
+    **{name: ((Annotated[(field.annotation, *field.metadata)] if field.metadata
+               else field.annotation) | None, Field(None, description=(
+        f"{field.description or name.replace('_', ' ')}. null: the deployment's value "
+        f"(resource stage2; default {field.default!r})")))
+       for name, field in InstructionDefaults.model_fields.items()})
+
+
+def conversation_markdown(conversation: list[dict[str, str]]) -> str:
+    return "\n\n".join(f"**{t['from']}**: {t['value']}".replace("\n", "  \n")
+                       for t in conversation)
+
+
+@dg.multi_asset(
+    outs={
+        "instructions": dg.AssetOut(
+            description="One LLaVA/Bunny conversation per caption (multiple choice, question "
+            "answering, complex reasoning or multi-turn), validated, with full lineage.",
+            kinds={"polars", "parquet"}),
+        "instruction_rejects": dg.AssetOut(
+            description="Captions whose conversation stayed invalid after every attempt, each "
+            "with its reason, detail and last raw output.", kinds={"polars", "parquet"}),
+    },
+    partitions_def=seed_shards,
+    group_name="unicorn_stage2",
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+)
+def make_instructions(context: dg.AssetExecutionContext, config: InstructionConfig,
+                      stage2: InstructionDefaults, llm: LLMResource,
+                      expanded_captions: pl.DataFrame) -> Iterator[dg.Output]:
+    chosen = stage2.overridden_by(config)
+    settings, params = chosen.settings(), chosen.sampling()
+    prompts = load_prompts(chosen.prompt_version)
+    plan = plan_instructions(expanded_captions, settings)
+    structured = llm.supports_json_schema
+    started = time.perf_counter()
+    generation = generate_instructions(
+        plan, prompts, lambda requests: llm.generate([ChatRequest.of(**r) for r in requests], params),
+        settings, structured=structured, model_id=llm.model_id, sampling=params.as_dict())
+    seconds = time.perf_counter() - started
+
+    records = split_by_shard(generation.records, context.partition_keys)
+    rejects = split_by_shard(generation.rejects, context.partition_keys)
+    for key in context.partition_keys:
+        context.log.info(f"{key}: {records[key].height} instruction records, "
+                         f"{rejects[key].height} rejected {reject_counts(rejects[key])}")
+    def shard_meta(key: str) -> dict:
+        shard, validity = records[key], json_validity(records[key], rejects[key])
+        meta = frame_metadata(
+            shard, task_type_counts=task_counts(shard), rejects_by_reason=reject_counts(rejects[key]),
+            json_validity_rate=round(validity[0], 4), attempts=validity[1],
+            captions_available=expanded_captions.filter(pl.col("shard") == key).height,
+            captions_used=plan.filter(pl.col("shard") == key).height)
+        if shard.height:
+            meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(shard)))
+            meta["example_conversation"] = dg.MetadataValue.md(
+                conversation_markdown(shard["conversations"][0].to_list()))
+        return meta
+
+    add_shard_metadata(context, "instructions", shard_meta)
+    add_shard_metadata(context, "instruction_rejects", lambda key: frame_metadata(
+        rejects[key], ["caption_id", "task_type", "reason", "detail"],
+        rejects_by_reason=reject_counts(rejects[key])))
+    run = {"shards_in_run": len(records)}
+    yield dg.Output(records, "instructions", metadata={
+        **run, "requests_per_attempt": dg.MetadataValue.json(generation.batch_sizes),
+        "structured_output": "json_schema" if structured else "prompt_only",
+        "task_mix": dg.MetadataValue.json(settings.shares()),
+        "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
+        "max_captions_per_shard": chosen.max_captions_per_shard or "all",
+        "settings": dg.MetadataValue.json(chosen.recipe),
+        "prompt_versions": dg.MetadataValue.json(sorted({p.ref for p in prompts.values()})),
+        **llm_metadata(llm, generation.completions, seconds)})
+    yield dg.Output(rejects, "instruction_rejects", metadata=run)
+
+
+instructions_reject_rate = reject_rate_check(
+    "instructions", "instruction_rejects", "instruction_max_reject_rate", reject_counts,
+    description="share of captions whose record was rejected, under "
+                "quality_gates.instruction_max_reject_rate")
+
+
+@dg.asset_check(asset="instructions", name="json_validity_rate", blocking=False,
+                partitions_def=seed_shards,
+                additional_ins={"rejects": dg.AssetIn("instruction_rejects")},
+                description="share of LLM attempts (records, rejects, retries) that returned JSON "
+                "valid for the schema, over quality_gates.instruction_min_json_validity")
+def instructions_json_validity(context: dg.AssetCheckExecutionContext,
+                               quality_gates: QualityGates, instructions: pl.DataFrame,
+                               rejects: pl.DataFrame) -> dg.AssetCheckResult:
+    def rule(records: pl.DataFrame, rejects: pl.DataFrame) -> quality.Outcome:
+        rate, attempts = json_validity(records, rejects)
+        return quality.min_rate(rate, quality_gates.instruction_min_json_validity,
+                                "JSON validity", attempts)
+
+    return to_result(quality.per_shard(run_shards(context),
+                                       {"records": instructions, "rejects": rejects}, rule))
+
+
+def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:
+    mixes = frame["task_mix"].unique().to_list()
+    if len(mixes) > 1:
+        return quality.Outcome(False, f"{len(mixes)} different configured mixes in one shard",
+                               {"mixes": mixes})
+    expected = json.loads(mixes[0]) if mixes else {}
+    return quality.mix_within_tolerance(task_counts(frame), expected,
+                                        gates.instruction_mix_tolerance)
+
+
+def _multiple_choice(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.filter(pl.col("task_type") == "multiple_choice")
+
+
+stage2_checks = [
+    *standard_checks("instructions", schema=INSTRUCTION_SCHEMA, id_column="id",
+                     required=["id", "caption_id", "caption_sha256", "seed_id", "task_type",
+                               "conversations", "model_id", "prompt_version"]),
+    instructions_reject_rate,
+    instructions_json_validity,
+    frame_check("instructions", "task_mix", task_mix_outcome, blocking=False,
+                description="task-type shares within quality_gates.instruction_mix_tolerance "
+                "(plus binomial slack) of the configured mix"),
+    frame_check("instructions", "mc_answer_in_options",
+                lambda df, q: quality.rows_satisfy(
+                    _multiple_choice(df), "conversations", mc_answers_in_options,
+                    "every multiple-choice question lists 4 distinct options A-D and the reply "
+                    "starts with one of their letters"),
+                blocking=True, description="multiple-choice answers are one of the options"),
+    frame_check("instructions", "image_token",
+                lambda df, q: quality.rows_satisfy(
+                    df, "conversations", image_token_ok,
+                    "exactly one <image> token, in the first human turn"),
+                blocking=True, description="the first human turn carries exactly one <image> "
+                "token and no other turn has one"),
+    frame_check("instructions", "conversation_shape",
+                lambda df, q: quality.rows_satisfy(
+                    df, "conversations", well_formed,
+                    "human and gpt turns alternate in pairs, none empty"),
+                blocking=True, description="turns alternate human/gpt in pairs; no empty turn"),
+    *standard_checks("instruction_rejects", schema=INSTRUCTION_REJECT_SCHEMA, id_column=None,
+                     required=["caption_id", "reason", "detail"], non_empty=False),
+    frame_check("instruction_rejects", "known_reasons",
+                lambda df, q: quality.Outcome(
+                    df.filter(~pl.col("reason").is_in(list(REJECT_REASONS))).height == 0,
+                    "every reject reason is a known rule"),
+                blocking=False, description="every reject names one of the known rules"),
+]

@@ -1,0 +1,241 @@
+"""Stage 3: modality representation transfer.
+
+Per shard: `caption_embeddings` (CLIP text embeddings of the expanded captions).
+Corpus-wide: `modality_statistics` (the corpus means) -> `transferred_embeddings` (every caption
+shifted by ONE statistics version, streamed). The shift is never stored per shard, so no export can
+mix shards shifted by different means; see the README's Stage 3 section.
+"""
+
+import time
+import warnings
+from collections.abc import Iterator
+
+import dagster as dg
+import polars as pl
+from PIL import Image
+from pydantic import Field
+
+from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.logic import modality
+from unicorn_assets.logic.quality import Outcome, schema_matches
+from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table, table_schema
+from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
+from unicorn_assets.sharding import split_by_shard
+from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
+from unicorn_resources.quality_gates import QualityGates
+
+# `backfill_policy` on @asset is marked beta; every per-shard asset shares SHARD_BACKFILL.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")
+
+CORPUS_GROUP = "unicorn_corpus"
+IMAGE_CHUNK = 256  # reference images opened at a time
+MODEL_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+
+
+def clip_metadata(clip: ClipResource) -> dict:
+    meta = {"model_id": clip.model_id, "embedding_dim": clip.embedding_dim,
+            "pretrained": clip.is_pretrained, **clip.runtime}
+    if not clip.is_pretrained:
+        meta["model_note"] = UNTRAINED_CLIP_NOTE
+    return meta
+
+
+@dg.asset(
+    description="CLIP text embedding (float32, unit norm) of every expanded caption of the shard.",
+    partitions_def=seed_shards,
+    group_name="unicorn_stage3",
+    kinds={"polars", "parquet"},
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    op_tags=GPU_OP_TAGS,
+    retry_policy=MODEL_RETRY,
+)
+def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
+                       expanded_captions: pl.DataFrame) -> dg.Output:
+    started = time.perf_counter()
+    vectors = clip.encode_text(expanded_captions["caption"].to_list())
+    seconds = time.perf_counter() - started
+    frame = modality.caption_embeddings_frame(expanded_captions, vectors, clip.model_id)
+    context.log.info(f"{frame.height} captions encoded in {seconds:.1f}s by {clip.model_id}")
+    frames = split_by_shard(frame, context.partition_keys)
+    add_shard_metadata(context, "caption_embeddings", lambda key: frame_metadata(
+        frames[key], ["caption_id", "shard", "model_id"]))
+    return dg.Output(frames, metadata={
+        "shards_in_run": len(frames), "encode_seconds": round(seconds, 3),
+        "embeddings_per_second": round(frame.height / seconds, 1) if seconds > 0 else 0.0,
+        **clip_metadata(clip)})
+
+
+@dg.asset_check(asset=caption_embeddings, name="embedding_dimension", blocking=True,
+                partitions_def=seed_shards,
+                description="the embedding width is the CLIP model's embedding dimension")
+def caption_embeddings_dimension(clip: ClipResource,
+                                 caption_embeddings: pl.DataFrame) -> dg.AssetCheckResult:
+    return to_result(modality.dimension(modality.summarise(caption_embeddings), clip.embedding_dim))
+
+
+@dg.asset_check(asset=caption_embeddings, name="row_alignment", blocking=True,
+                partitions_def=seed_shards,
+                additional_ins={"captions": dg.AssetIn("expanded_captions")},
+                description="exactly one embedding per expanded caption of the shard, and no other")
+def caption_embeddings_row_alignment(caption_embeddings: pl.DataFrame,
+                                     captions: pl.DataFrame) -> dg.AssetCheckResult:
+    return to_result(modality.row_alignment(captions["caption_id"],
+                                            caption_embeddings["caption_id"]))
+
+
+def _unit_norms(df: pl.DataFrame, q: QualityGates) -> Outcome:
+    return modality.norms_in_range(modality.summarise(df), 1 - q.embedding_norm_tolerance,
+                                   1 + q.embedding_norm_tolerance)
+
+
+stage3_shard_checks = [
+    *standard_checks("caption_embeddings", schema=modality.CAPTION_EMBEDDING_SCHEMA,
+                     id_column="caption_id",
+                     required=["caption_id", "caption_sha256", "shard", "model_id"]),
+    caption_embeddings_dimension,
+    caption_embeddings_row_alignment,
+    frame_check("caption_embeddings", "finite", lambda df, q: modality.finite(modality.summarise(df)),
+                blocking=True, description="no NaN or Inf in any embedding"),
+    frame_check("caption_embeddings", "norms_in_range", _unit_norms, blocking=True,
+                description="every L2 norm within quality_gates.embedding_norm_tolerance of 1"),
+]
+
+
+# --- corpus-wide -------------------------------------------------------------------------------
+
+class ModalityConfig(dg.Config):
+    reference_images: str | None = Field(
+        None, description="a folder of real images whose mean CLIP embedding the shifted text "
+        "embeddings are moved to (v = l2norm(u - mu_text + mu_image)); null: shift to 0")
+
+
+def image_summary(clip: ClipResource, folder: str) -> tuple[modality.EmbeddingSummary, int]:
+    paths = modality.reference_images(folder)
+    summary = modality.EmbeddingSummary()
+    for start in range(0, len(paths), IMAGE_CHUNK):
+        images = []
+        for path in paths[start : start + IMAGE_CHUNK]:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))  # decoded now; the file closes here
+        summary.add(clip.encode_images(images))
+    return summary, len(paths)
+
+
+@dg.asset(
+    description="Corpus-wide mean of the caption embeddings over every shard (streamed), count, "
+    "dimension, model, an optional reference-image mean, and a version hash of all of it.",
+    group_name=CORPUS_GROUP,
+    kinds={"polars", "parquet"},
+    pool="gpu",
+    op_tags=GPU_OP_TAGS,
+    retry_policy=MODEL_RETRY,
+)
+def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfig,
+                        clip: ClipResource, caption_embeddings: pl.LazyFrame) -> dg.Output:
+    text, shards = modality.text_statistics(caption_embeddings)
+    (model_id,) = text.tags
+    if model_id != clip.model_id:
+        raise ValueError(f"caption_embeddings were made by {model_id}, but the clip resource is "
+                         f"{clip.model_id}: re-materialise caption_embeddings for every shard")
+    mu_image, image_count = None, 0
+    if config.reference_images:
+        images, image_count = image_summary(clip, config.reference_images)
+        mu_image = images.mean
+    stats = modality.ModalityStatistics(
+        model_id=model_id, pretrained=clip.is_pretrained, count=text.count, dim=text.dim,
+        mu_text=text.mean, shards=shards, image_count=image_count, mu_image=mu_image,
+        image_source=config.reference_images)
+    context.log.info(f"statistics {stats.version}: {stats.count} captions over {shards} shard(s)"
+                     + (f", {image_count} reference images" if image_count else ""))
+    frame = stats.to_frame()
+    return dg.Output(frame, metadata=frame_metadata(
+        frame, ["statistics_version", "model_id", "count", "dim", "shards", "image_count"],
+        statistics_version=stats.version, transfer=stats.parameters(),
+        **({} if stats.pretrained else {"model_note": UNTRAINED_CLIP_NOTE})))
+
+
+modality_statistics_checks = [
+    *standard_checks("modality_statistics", schema=pl.Schema({
+        "statistics_version": pl.String, "model_id": pl.String, "pretrained": pl.Boolean,
+        "count": pl.Int64, "dim": pl.Int64, "shards": pl.Int64, "image_count": pl.Int64}),
+        id_column="statistics_version", required=["statistics_version", "model_id", "mu_text"],
+        partitions_def=None),
+    frame_check("modality_statistics", "means_finite", lambda df, q: modality.statistics_valid(df),
+                blocking=True, partitions_def=None,
+                description="the means are finite, over at least one caption, with the stored "
+                "dimension, and the stored version matches their content"),
+]
+
+
+@dg.asset(
+    description="Every caption embedding moved toward the image modality: v = l2norm(u - mu_text "
+    "(+ mu_image)), all rows with ONE statistics version, streamed to Parquet.",
+    group_name=CORPUS_GROUP,
+    kinds={"polars", "parquet"},
+)
+def transferred_embeddings(caption_embeddings: pl.LazyFrame,
+                           modality_statistics: pl.DataFrame) -> dg.Output:
+    stats = modality.ModalityStatistics.from_frame(modality_statistics)
+    shifted = modality.transfer(caption_embeddings, stats)
+    rows = caption_embeddings.select(pl.len()).collect().item()
+    sample = shifted.drop(modality.EMBEDDING).head(5).collect()
+    meta = {"dagster/row_count": rows, "dagster/column_schema": table_schema(shifted.collect_schema()),
+            "sample": dg.MetadataValue.md(markdown_table(sample)),
+            "formula": modality.TRANSFER_FORMULA, "statistics_version": stats.version,
+            "transfer": dg.MetadataValue.json(stats.parameters())}
+    if not stats.pretrained:
+        meta["model_note"] = UNTRAINED_CLIP_NOTE
+    return dg.Output(shifted, metadata=meta)  # the IO manager streams the lazy frame to Parquet
+
+
+TRANSFER_CHECKS = {
+    "schema": "columns and types are the expected ones",
+    "embedding_dimension": "the embedding width is the statistics' dimension",
+    "finite": "no NaN or Inf in any shifted embedding",
+    "norms_in_range": "every L2 norm within quality_gates.embedding_norm_tolerance of 1",
+    "shifted_mean": "the mean of the shifted, unnormalised embeddings (v * shift_norm) is 0, or "
+                    "mu_image, within quality_gates.transfer_mean_tolerance",
+    "single_statistics_version": "every row was shifted with the current modality_statistics, "
+                                 "and they cover every caption",
+    "unique_ids": "caption_id is unique",
+}
+
+
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec(name, asset="transferred_embeddings", blocking=True, description=text,
+                             additional_deps=["modality_statistics"])
+           for name, text in TRANSFER_CHECKS.items()],
+    ins={"transferred_embeddings": dg.AssetIn("transferred_embeddings"),
+         "modality_statistics": dg.AssetIn("modality_statistics")},
+    description="One streamed pass over the shifted embeddings feeds every check.",
+)
+def transferred_embeddings_checks(quality_gates: QualityGates,
+                                  transferred_embeddings: pl.LazyFrame,
+                                  modality_statistics: pl.DataFrame
+                                  ) -> Iterator[dg.AssetCheckResult]:
+    stats = modality.ModalityStatistics.from_frame(modality_statistics)
+    summary = modality.summarise(transferred_embeddings, weight="shift_norm",
+                                 tag="statistics_version")
+    tol = quality_gates.embedding_norm_tolerance
+    distinct = transferred_embeddings.select(pl.col("caption_id").n_unique()).collect().item()
+    outcomes = {
+        "schema": schema_matches(transferred_embeddings.collect_schema(), pl.Schema({
+            **modality.TRANSFERRED_SCHEMA, modality.EMBEDDING: modality.embedding_dtype(stats.dim)})),
+        "embedding_dimension": modality.dimension(summary, stats.dim),
+        "finite": modality.finite(summary),
+        "norms_in_range": modality.norms_in_range(summary, 1 - tol, 1 + tol),
+        "shifted_mean": modality.shifted_mean(summary, stats, quality_gates.transfer_mean_tolerance)
+        if summary.count > summary.nonfinite_rows else Outcome(False, "no finite rows"),
+        "single_statistics_version": modality.single_version(summary, stats),
+        "unique_ids": Outcome(distinct == summary.count,
+                              f"{summary.count - distinct} duplicate caption_id(s)"),
+    }
+    for name, outcome in outcomes.items():
+        yield dg.AssetCheckResult(check_name=name, asset_key=dg.AssetKey("transferred_embeddings"),
+                                  passed=outcome.passed, description=outcome.description,
+                                  metadata=outcome.metadata)
+
+
+stage3_assets = [caption_embeddings, modality_statistics, transferred_embeddings]
+stage3_checks = [*stage3_shard_checks, *modality_statistics_checks, transferred_embeddings_checks]
