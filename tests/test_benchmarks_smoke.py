@@ -72,6 +72,15 @@ def test_stage3_smoke(tmp_path):
         "IO manager default", POLARS_ROW_GROUP_ROWS}
 
 
+def test_synthvlm_memory_smoke(tmp_path):
+    """Rendering and exporting 4 and 40 images, each in its own subprocess."""
+    report = run_suite(["synthvlm"], tmp_path)
+    row = report["benchmarks"]["synthvlm"]["rows"][0]
+    runs = row["details"]["runs"]
+    assert [run["images"] for run in runs.values()] == [4, 40]
+    assert runs["40"]["image_bytes"] > runs["4"]["image_bytes"] > 0
+
+
 def test_peak_rss_measures_the_command_not_its_parent(tmp_path):
     _, small, _ = peak_rss([sys.executable, "-c", "pass"], {}, tmp_path / "small.log")
     touch_300_mib = "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])"
