@@ -96,8 +96,9 @@ def child(folder: Path, n: int, resolution: int) -> None:
     started = time.perf_counter()
     candidates = dg.AssetSpec("synthvlm_candidates", partitions_def=seed_shards)
     data = folder / "data"
-    # one image per caption, all selected: the export copies every image rendered
-    captions = [r["caption"] for r in coco_captions(n, one_per_image=True)]
+    # one image per caption, each caption read differently and all selected: the export copies
+    # every image rendered
+    captions = list(dict.fromkeys(r["caption"] for r in coco_captions(n + n // 5 + 10)))[:n]
     (data / "synthvlm_candidates").mkdir(parents=True)
     pl.DataFrame({
         "caption_id": [f"c{i:05d}" for i in range(len(captions))],
@@ -133,9 +134,10 @@ def child(folder: Path, n: int, resolution: int) -> None:
     if not (rendered.success and exported.success and checks and all(c.passed for c in checks)):
         raise RuntimeError(f"render {rendered.success}, export {exported.success}, checks "
                            f"{[c.passed for c in checks]}")
-    records = json.loads((data / "exports" / "synthvlm" / "pretrain.json").read_text())
-    if not len(records) == images.height == n:
-        raise RuntimeError(f"{n} images planned, {images.height} rendered, {len(records)} exported")
+    exported_rows = pl.scan_parquet(data / "synthvlm_dataset.parquet").select(pl.len()).collect()
+    if not exported_rows.item() == images.height == n:
+        raise RuntimeError(f"{n} images planned, {images.height} rendered, "
+                           f"{exported_rows.item()} exported")
     (folder / "child.json").write_text(json.dumps({
         "images": n, "image_bytes": int(images["n_bytes"].sum()),
         "image_mib": round(images["n_bytes"].sum() / 2**20, 1),
