@@ -25,11 +25,12 @@ from unicorn_assets.synthvlm import (
     ExportConfig,
     file_digest,
     file_reader,
+    storage_uri,
     synthetic_images,
     synthvlm_dataset,
 )
 from unicorn_resources.diffusion import DiffusionResource
-from unicorn_resources.storage import ParquetIOManager
+from unicorn_resources.storage import ParquetIOManager, S3Options, write_bytes
 
 SHARD = "shard-a"
 # stored as the upstream asset stores it; only synthetic_images runs
@@ -168,16 +169,17 @@ def test_reuse_can_be_switched_off(shard):
 def selection_of(io: ParquetIOManager, n: int, size: int) -> pl.DataFrame:
     """`n` selected images of `size` random bytes each (the export copies bytes; it never
     decodes), stored where synthetic_images stores them."""
-    folder = Path(io.base_uri) / "synthetic_images" / SHARD
-    folder.mkdir(parents=True)
+    folder = storage_uri(io, "synthetic_images", SHARD)
+    fs, _ = io.s3.fs(folder)
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
         data = rng.bytes(size)
-        (folder / f"img{i:03d}.png").write_bytes(data)
+        uri = f"{folder}/img{i:03d}.png"
+        write_bytes(fs, io.s3.fs(uri)[1], data)
         rows.append({"image_id": f"img{i:03d}", "caption_id": f"cap{i:03d}", "seed_id": f"s{i}",
                      "shard": SHARD, "caption": f"caption number {i} of a picture",
-                     "image_index": 0, "uri": str(folder / f"img{i:03d}.png"), "format": "png",
+                     "image_index": 0, "uri": uri, "format": "png",
                      "sha256": hashlib.sha256(data).hexdigest(), "model_id": "noise",
                      "pretrained": False, "clip_model_id": "noise", "clip_pretrained": False,
                      "clip_cosine": 0.3, "clipscore": 0.75, "ssim": 0.9, "score": 1.2,
@@ -186,8 +188,8 @@ def selection_of(io: ParquetIOManager, n: int, size: int) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=logic.SELECTION_SCHEMA)
 
 
-def export(io: ParquetIOManager, selection: pl.DataFrame) -> dg.Output:
-    return synthvlm_dataset(context=dg.build_asset_context(), config=ExportConfig(),
+def export(io: ParquetIOManager, selection: pl.DataFrame, **config: Any) -> dg.Output:
+    return synthvlm_dataset(context=dg.build_asset_context(), config=ExportConfig(**config),
                             io_manager=io, synthvlm_selection=selection)
 
 
@@ -226,3 +228,35 @@ def test_the_export_refuses_an_image_changed_since_it_was_scored(tmp_path: Path)
     images = tmp_path / "data" / "exports" / "synthvlm" / "images" / SHARD
     assert sorted(p.name for p in images.iterdir()) == ["img000.png"]  # no copy of the changed one
     assert not (images.parent.parent / "manifest.json").exists()
+
+
+def test_the_export_streams_on_s3_and_publishes_no_changed_image(tmp_path: Path):
+    """The same against a real S3-compatible server (moto) on loopback, where an upload is
+    published when it closes: a copy that fails its checksum is taken back."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        s3 = S3Options(endpoint_url=f"http://{host}:{port}", access_key_id="test",
+                       secret_access_key="test", region="us-east-1")
+        boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region,
+                     aws_access_key_id="test", aws_secret_access_key="test"
+                     ).create_bucket(Bucket="unicorn-export")
+        io = ParquetIOManager(base_uri="s3://unicorn-export/data", s3=s3)
+        selection = selection_of(io, 3, 300_000)
+        export(io, selection)
+        root = "s3://unicorn-export/data/exports/synthvlm"
+        assert logic.verify_export(root, file_reader(io), file_digest(io)).passed
+        fs, _ = s3.fs(root)
+        changed = io.s3.fs(selection["uri"][1])[1]
+        write_bytes(fs, changed, fs.cat_file(changed)[::-1])
+        with pytest.raises(ValueError, match="img001.png: the selected image is changed"):
+            export(io, selection, export_dir="s3://unicorn-export/second")
+        fs.invalidate_cache()
+        assert fs.find("unicorn-export/second") == [
+            f"unicorn-export/second/images/{SHARD}/img000.png"]
+    finally:
+        server.stop()
