@@ -8,7 +8,7 @@ Corpus-wide: `synthvlm_selection` -> `synthvlm_dataset` (an export folder with i
 import base64
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -32,7 +32,10 @@ from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.storage import (
+    ChecksumMismatch,
     ParquetIOManager,
+    copy_file,
+    file_sha256,
     join,
     partition_path,
     read_bytes,
@@ -64,17 +67,38 @@ def file_reader(io_manager: ParquetIOManager) -> Callable[[str], bytes | None]:
     return read
 
 
-def replace_folder(io_manager: ParquetIOManager, folder: str, files: dict[str, bytes]) -> None:
+def file_digest(io_manager: ParquetIOManager) -> Callable[[str], str | None]:
+    """SHA-256 of the file at a URI, hashed as it streams (None when it does not exist)."""
+    def digest(uri: str) -> str | None:
+        fs, path = io_manager.s3.fs(uri)
+        return file_sha256(fs, path)[0] if fs.exists(path) else None
+
+    return digest
+
+
+def remove_orphans(io_manager: ParquetIOManager, folder: str, keep: Collection[str]) -> int:
+    """Delete every file under `folder` whose name (relative to `folder`) is not in `keep`; call
+    it once the files to keep are written, so that a crash before it loses nothing. Returns how
+    many it deleted."""
+    fs, root = io_manager.s3.fs(folder)
+    kept = {join(root, name) for name in keep}
+    removed = 0
+    if fs.exists(root):
+        for path in fs.find(root):
+            if path not in kept:
+                fs.rm(path)
+                removed += 1
+    return removed
+
+
+def replace_folder(io_manager: ParquetIOManager, folder: str, files: Mapping[str, bytes]) -> None:
     """Write `files` (name -> bytes, names relative to `folder`) atomically, then delete every other
-    file under `folder`: a re-run replaces the folder's contents and leaves no orphan behind."""
+    file under `folder`: a re-run replaces the folder's contents and leaves no orphan behind. For a
+    few small files; images are written one by one as they are made (see synthetic_images)."""
     fs, root = io_manager.s3.fs(folder)
     for name, data in files.items():
         write_bytes(fs, join(root, name), data)
-    keep = {join(root, name) for name in files}
-    if fs.exists(root):
-        for path in fs.find(root):
-            if path not in keep:
-                fs.rm(path)
+    remove_orphans(io_manager, folder, files)
 
 
 # --- synthvlm_candidates -------------------------------------------------------------------------
@@ -162,8 +186,54 @@ def _rejects_markdown(rejected: pl.DataFrame) -> str:
 class RenderConfig(dg.Config):
     images_per_caption: int = 2  # N of best-of-N
     image_format: Literal["png", "webp"] = "png"  # WebP is written lossless
-    chunk_size: int = 32  # images rendered and written per step, bounding memory
+    chunk_size: int = 32  # images rendered per step; each is written as soon as it is encoded
     folder: str = "synthetic_images"  # under the storage base: <folder>/<shard>/<image_id>.<ext>
+    # keep an image already on disk from the same model, settings, caption and seed (its file
+    # checked against the SHA-256 recorded when it was written): a re-run after a crash renders
+    # only what is missing
+    reuse_finished: bool = True
+
+
+# Beside each image file, once the file is whole, a record of how it was made (its row as JSON):
+# <folder>/.renders/<shard>/<image_id>.json. A later run keeps the image when the record matches
+# its plan on every field that decides the picture and the file still has the recorded SHA-256.
+RENDER_RECORDS = ".renders"
+RENDER_KEY = ("image_id", "caption", "seed", "uri", "format", "model_id", "pretrained",
+              "render_settings")
+RENDER_RESULT = ("width", "height", "n_bytes", "sha256")
+
+
+def finished_render(io_manager: ParquetIOManager, record_uri: str, planned: dict) -> dict | None:
+    """`planned` completed from the record of an earlier render of the same picture, or None when
+    there is none, it was made differently, or the file is gone or differs from its record."""
+    fs, path = io_manager.s3.fs(record_uri)
+    if not fs.exists(path):
+        return None
+    try:
+        record = json.loads(read_bytes(fs, path))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(k) != planned[k] for k in RENDER_KEY) \
+            or any(k not in record for k in RENDER_RESULT):
+        return None
+    image_fs, image_path = io_manager.s3.fs(planned["uri"])
+    if not image_fs.exists(image_path) \
+            or file_sha256(image_fs, image_path) != (record["sha256"], record["n_bytes"]):
+        return None
+    return {**planned, **{k: record[k] for k in RENDER_RESULT}}
+
+
+def write_image(io_manager: ParquetIOManager, record_uri: str, planned: dict,
+                image: Image.Image) -> dict:
+    """Encode and write one image (atomically), then its render record; returns its row."""
+    data = img.encode_image(image, planned["format"])
+    row = {**planned, "width": image.width, "height": image.height, "n_bytes": len(data),
+           "sha256": img.sha256(data)}
+    fs, path = io_manager.s3.fs(planned["uri"])
+    write_bytes(fs, path, data)  # the file first: a record always describes a whole file
+    fs, path = io_manager.s3.fs(record_uri)
+    write_bytes(fs, path, json.dumps(row).encode())
+    return row
 
 
 @dg.asset(
@@ -181,30 +251,53 @@ def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
                "render_settings": settings}
     out: dict[str, pl.DataFrame] = {}
     thumbs: list[tuple[Image.Image, str]] = []
+    reused = 0
     started = time.perf_counter()
     for key, shard_plan in split_by_shard(plan, context.partition_keys).items():
         folder = partition_path(storage_uri(io_manager, config.folder), key)  # the key gate
-        files: dict[str, bytes] = {}
-        rows = []
+        records = partition_path(storage_uri(io_manager, config.folder, RENDER_RECORDS), key)
+        rows, kept = [], 0
+        # Each image is written as soon as it is encoded, so memory holds one chunk and a crash
+        # keeps every finished image; the shard's orphans go only once all its images are written.
         for chunk in shard_plan.iter_slices(config.chunk_size):
-            rendered = diffusion.render(chunk["caption"].to_list(), chunk["seed"].to_list())
-            for row, image in zip(chunk.iter_rows(named=True), rendered):
-                data = img.encode_image(image, config.image_format)
-                name = f"{row['image_id']}.{config.image_format}"
-                files[name] = data
-                rows.append({**row, "uri": join(folder, name), "format": config.image_format,
-                             "width": image.width, "height": image.height, "n_bytes": len(data),
-                             "sha256": img.sha256(data), **lineage})
-                if len(thumbs) < 4:
+            planned = [{**row, "uri": join(folder, f"{row['image_id']}.{config.image_format}"),
+                        "format": config.image_format, **lineage}
+                       for row in chunk.iter_rows(named=True)]
+            found = [finished_render(io_manager, join(records, f"{row['image_id']}.json"), row)
+                     if config.reuse_finished else None for row in planned]
+            todo = [row for row, done in zip(planned, found) if done is None]
+            made = diffusion.render([row["caption"] for row in todo],
+                                    [row["seed"] for row in todo]) if todo else []
+            if len(made) != len(todo):
+                raise RuntimeError(f"{diffusion.model_id} returned {len(made)} image(s) for "
+                                   f"{len(todo)} prompt(s); every prompt needs its image")
+            images = dict(zip((row["image_id"] for row in todo), made))
+            del made
+            for row, done in zip(planned, found):
+                if done is None:
+                    image = images.pop(row["image_id"])
+                    done = write_image(io_manager, join(records, f"{row['image_id']}.json"), row,
+                                       image)
+                else:
+                    kept += 1
+                    image = _stored_image(io_manager, row["uri"]) if len(thumbs) < 4 else None
+                rows.append({name: done[name] for name in logic.IMAGE_SCHEMA})
+                if image is not None and len(thumbs) < 4:
                     thumbs.append((image, row["caption"]))
-        replace_folder(io_manager, folder, files)
+        names = [row["uri"].rsplit("/", 1)[1] for row in rows]
+        removed = remove_orphans(io_manager, folder, names)
+        remove_orphans(io_manager, records, [f"{row['image_id']}.json" for row in rows])
         out[key] = pl.DataFrame(rows, schema=logic.IMAGE_SCHEMA)
-        context.log.info(f"{key}: {len(rows)} image(s) written under {folder}")
+        reused += kept
+        context.log.info(f"{key}: {len(rows)} image(s) under {folder}: {len(rows) - kept} "
+                         f"rendered, {kept} kept from an earlier run with the same model, "
+                         f"settings and seed; {removed} file(s) of older renders removed")
     seconds = time.perf_counter() - started
-    rendered = sum(frame.height for frame in out.values())
+    rendered = sum(frame.height for frame in out.values()) - reused
     meta = {"shards_in_run": len(out), "diffusion_model": diffusion.model_id,
             "render_settings": dg.MetadataValue.json(json.loads(settings)),
             "images_per_caption": config.images_per_caption, "render_seconds": round(seconds, 2),
+            "images_rendered": rendered, "images_reused": reused,
             "images_per_second": round(rendered / seconds, 3) if seconds > 0 else 0.0,
             "image_folder": dg.MetadataValue.path(storage_uri(io_manager, config.folder)),
             "examples": dg.MetadataValue.md(_thumbnail_table(
@@ -214,6 +307,11 @@ def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
     add_shard_metadata(context, "synthetic_images", lambda key: frame_metadata(
         out[key], ["image_id", "image_index", "seed", "uri"]))
     return dg.Output(out, metadata=meta)
+
+
+def _stored_image(io_manager: ParquetIOManager, uri: str) -> Image.Image:
+    fs, path = io_manager.s3.fs(uri)
+    return img.decode_image(read_bytes(fs, path))
 
 
 def _thumbnail_table(rows: Sequence[tuple[Image.Image, str, dict]]) -> str:
@@ -403,21 +501,32 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
     selected = synthvlm_selection.filter("selected").lazy()
     kept, duplicates = drop_duplicate_captions(selected, selected)  # first (shard, id) keeps it
     chosen = kept.collect().sort("image_id")
-    read = file_reader(io_manager)
-    files: dict[str, bytes] = {}
+    out_fs, out_root = io_manager.s3.fs(root)
+    # One image at a time: streamed from its file into the export folder and hashed as it passes,
+    # so memory holds one chunk of one image however many are exported.
+    checksums: dict[str, str] = {}
     paths = {}
     for image_id, shard, uri, fmt, digest in chosen.select(
             "image_id", "shard", "uri", "format", "sha256").iter_rows():
-        data = read(uri)
-        if data is None or img.sha256(data) != digest:
-            raise ValueError(f"{uri}: the selected image is {'missing' if data is None else 'changed'}"
-                             f" since it was scored; re-materialise synthetic_images, image_scores "
-                             f"and synthvlm_selection for shard {shard}")
-        paths[image_id] = f"{partition_path('images', shard)}/{image_id}.{fmt}"
-        files[paths[image_id]] = data
+        name = f"{partition_path('images', shard)}/{image_id}.{fmt}"
+        paths[image_id] = name
+        src_fs, src = io_manager.s3.fs(uri)
+        problem = "missing" if not src_fs.exists(src) else None
+        if problem is None:
+            try:
+                checksums[name] = copy_file(src_fs, src, out_fs, join(out_root, name), digest)[0]
+            except ChecksumMismatch:
+                problem = "changed"
+        if problem:
+            raise ValueError(f"{uri}: the selected image is {problem} since it was scored; "
+                             "re-materialise synthetic_images, image_scores and "
+                             f"synthvlm_selection for shard {shard}")
     prompts = load_lines(config.prompts)
     records = logic.llava_records(chosen, prompts, paths)
-    files[config.records_file] = json.dumps(records, ensure_ascii=False, indent=1).encode()
+    records_data = json.dumps(records, ensure_ascii=False, indent=1).encode()
+    write_bytes(out_fs, join(out_root, config.records_file), records_data)
+    checksums[config.records_file] = img.sha256(records_data)
+    del records_data
     first = synthvlm_selection.head(1)
     manifest = {
         "format": "llava_pretrain", "records_file": config.records_file,
@@ -437,12 +546,13 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
                    "clip": sorted(set(synthvlm_selection["clip_model_id"])),
                    "clip_pretrained": bool(synthvlm_selection["clip_pretrained"].all())},
         "prompts": config.prompts,
-        "sha256": {name: img.sha256(data) for name, data in sorted(files.items())},
+        "sha256": dict(sorted(checksums.items())),
     }
     if not (manifest["models"]["diffusion_pretrained"] and manifest["models"]["clip_pretrained"]):
         manifest["note"] = "built with untrained models: images and scores are meaningless"
-    files["manifest.json"] = json.dumps(manifest, indent=1).encode()
-    replace_folder(io_manager, root, files)  # manifest.json is written last
+    # manifest.json is written last, and files of an earlier export go only after it
+    write_bytes(out_fs, join(out_root, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    remove_orphans(io_manager, root, [*checksums, "manifest.json"])
     index = chosen.select(pl.col("image_id").alias("id"), "caption", "shard", "score").with_columns(
         pl.Series("image", [r["image"] for r in records], dtype=pl.String),
         pl.Series("prompt", [r["conversations"][0]["value"].removeprefix("<image>\n")
@@ -465,7 +575,7 @@ def synthvlm_dataset_records_resolve(context: dg.AssetCheckExecutionContext,
     if event is None or event.asset_materialization is None:
         return to_result(Outcome(False, "synthvlm_dataset has not been materialised"))
     root = event.asset_materialization.metadata["export_dir"].value
-    return to_result(logic.verify_export(root, file_reader(io_manager)))
+    return to_result(logic.verify_export(root, file_reader(io_manager), file_digest(io_manager)))
 
 
 synthvlm_assets = [synthvlm_candidates, synthetic_images, image_scores, synthvlm_selection,

@@ -227,6 +227,51 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     atomic_write(fs, path, lambda handle: handle.write(data))
 
 
+# Bytes read at a time when a file is copied or hashed: its memory, whatever the file's size.
+COPY_CHUNK = 1 << 20
+
+
+class ChecksumMismatch(ValueError):
+    """A file's content is not the one its recorded SHA-256 names."""
+
+
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
+    """(SHA-256 hex digest, size in bytes) of a file, read COPY_CHUNK bytes at a time."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as handle:
+        while block := handle.read(COPY_CHUNK):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def copy_file(src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.AbstractFileSystem,
+              dst: str, expected_sha256: str | None = None) -> tuple[str, int]:
+    """Copy `src` to `dst` (an atomic write) COPY_CHUNK bytes at a time, hashing them as they pass;
+    returns (SHA-256, size). With `expected_sha256`, a source whose content differs raises
+    ChecksumMismatch, and `dst` does not receive it."""
+    digest, size = hashlib.sha256(), 0
+
+    def write(out: Any) -> None:
+        nonlocal size
+        with src_fs.open(src, "rb") as handle:
+            while block := handle.read(COPY_CHUNK):
+                digest.update(block)
+                size += len(block)
+                out.write(block)
+        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+            raise ChecksumMismatch(f"{src}: SHA-256 {digest.hexdigest()}, expected "
+                                   f"{expected_sha256}")
+
+    try:
+        atomic_write(dst_fs, dst, write)
+    except ChecksumMismatch:
+        if not is_local(dst_fs) and dst_fs.exists(dst):
+            dst_fs.rm(dst)  # an object store publishes an upload when it closes: take it back
+        raise
+    return digest.hexdigest(), size
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     """Stores each asset (partition) as one Parquet file under `base_uri`:
     `<base>/<asset>/<partition>.parquet` for per-shard assets, `<base>/<asset>.parquet` otherwise.

@@ -86,6 +86,15 @@ def test_stage3_smoke(tmp_path):
         "IO manager default", polars_row_group_rows}
 
 
+def test_synthvlm_memory_smoke(tmp_path):
+    """Rendering and exporting 4 and 40 images, each in its own subprocess."""
+    report = run_suite(["synthvlm"], tmp_path)
+    row = report["benchmarks"]["synthvlm"]["rows"][0]
+    runs = row["details"]["runs"]
+    assert [run["images"] for run in runs.values()] == [4, 40]
+    assert runs["40"]["image_bytes"] > runs["4"]["image_bytes"] > 0
+
+
 def test_peak_rss_measures_the_command_not_its_parent(tmp_path):
     setup = "import sys\nfrom pathlib import Path\nfrom benchmarks.common import peak_rss"
 

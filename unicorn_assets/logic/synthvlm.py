@@ -374,6 +374,8 @@ def llava_records(selected: pl.DataFrame, prompts: Sequence[str],
 # --- file checks: `read(uri)` returns the file's bytes, or None when it does not exist ---------
 
 Reader = Callable[[str], bytes | None]
+# `digest(uri)` returns the file's SHA-256 hex digest, or None when it does not exist
+Digest = Callable[[str], str | None]
 
 
 def scores_cover_images(scores: pl.DataFrame, rendered: pl.DataFrame) -> Outcome:
@@ -413,8 +415,11 @@ def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def verify_export(root: str, read: Reader) -> Outcome:
-    """The manifest's checksums match the files, and every record's image resolves to one."""
+def verify_export(root: str, read: Reader, digest: Digest | None = None) -> Outcome:
+    """The manifest's checksums match the files, and every record's image resolves to one. Files
+    are checked one at a time: by `digest` when given (a streaming hash), else read whole."""
+    hash_file = digest or (lambda uri: None if (data := read(uri)) is None
+                           else images.sha256(data))
     manifest_bytes = read(_join(root, "manifest.json"))
     if manifest_bytes is None:
         return Outcome(False, f"{root}/manifest.json is missing")
@@ -423,10 +428,15 @@ def verify_export(root: str, read: Reader) -> Outcome:
     if records_bytes is None:
         return Outcome(False, f"{root}/{manifest['records_file']} is missing")
     records = json.loads(records_bytes)
-    found = {name: read(_join(root, name)) for name in manifest["sha256"]}
-    unresolved = [r["id"] for r in records if found.get(r["image"]) is None]
-    mismatched = [name for name, digest in manifest["sha256"].items()
-                  if found[name] is None or images.sha256(found[name]) != digest]
+    missing, mismatched = set(), []
+    for name, expected in manifest["sha256"].items():
+        actual = hash_file(_join(root, name))
+        if actual is None:
+            missing.add(name)
+        if actual != expected:
+            mismatched.append(name)
+    unresolved = [r["id"] for r in records
+                  if r["image"] not in manifest["sha256"] or r["image"] in missing]
     count_ok = manifest["counts"]["records"] == len(records)
     ok = not unresolved and not mismatched and count_ok
     return Outcome(ok, f"{len(records)} records; {len(unresolved)} image(s) do not resolve, "
