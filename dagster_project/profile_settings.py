@@ -48,6 +48,27 @@ DIFFUSION_BACKENDS: dict[str, type[dg.ConfigurableResource]] = {"sdxl": SdxlReso
 DEFAULT_BACKEND = {"llm": "llama_cpp", "clip": "open_clip", "diffusion": "sdxl"}
 
 
+BACKENDS = {"llm": LLM_BACKENDS, "clip": CLIP_BACKENDS, "diffusion": DIFFUSION_BACKENDS}
+
+
+def without_other_backends_settings(spec: dict[str, Any], sources: Mapping[str, str]
+                                    ) -> dict[str, Any]:
+    """`spec` without the settings that the file wrote for another backend, in each section whose
+    `backend` the environment chose (UNICORN_LLM_BACKEND=fake over a llama_cpp profile: its
+    `model_path` and `n_ctx` are for llama_cpp, not misspellings). A key that no backend of the
+    section has is kept, so it is still refused with the nearest valid key."""
+    out = dict(spec)
+    for section, backends in BACKENDS.items():
+        values = out.get(section)
+        chosen = values.get("backend") if isinstance(values, dict) else None
+        if f"{section}.backend" not in sources or chosen not in backends:
+            continue
+        own = set(backends[chosen].model_fields) | {"backend"}
+        others = set().union(*(cls.model_fields for cls in backends.values()))
+        out[section] = {k: v for k, v in values.items() if k in own or k not in others}
+    return out
+
+
 class ProfileError(ValueError):
     """A profile that cannot be used; the message names the file, the setting and the fix."""
 

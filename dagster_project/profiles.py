@@ -25,6 +25,7 @@ from dagster_project.profile_settings import (
     build_checked,
     set_values,
     validate_profile,
+    without_other_backends_settings,
 )
 from unicorn_assets.instructions import InstructionDefaults
 from unicorn_resources.clip import ClipResource
@@ -98,7 +99,7 @@ def load_profile(name: str | None = None) -> dict[str, Any]:
         raise ProfileError(f"{path}: cannot be read ({err}); fix the file or its "
                            "permissions") from err
     sources: dict[str, str] = {}
-    spec = _resolve(spec, sources, path=str(path))
+    spec = without_other_backends_settings(_resolve(spec, sources, path=str(path)), sources)
     profile = set_values(validate_profile(spec, str(path), sources))
     profile.setdefault("name", path.stem)
     profile["_path"], profile["_env"] = str(path), sources

@@ -230,6 +230,22 @@ def test_a_misspelt_op_setting_in_run_config_is_refused(tmp_path, offline, monke
     assert defs.resolve_job_def("unicorn_shard_job")
 
 
+def test_a_backend_chosen_by_the_environment_drops_the_files_settings_of_another_backend(
+        tmp_path, offline, monkeypatch):
+    """UNICORN_LLM_BACKEND=fake over a llama_cpp profile: its model_path and n_ctx belong to
+    llama_cpp, not misspellings of fake's settings; a key no backend has is still refused."""
+    text = ("llm: {backend: {env: UNICORN_LLM_BACKEND, default: llama_cpp}, n_ctx: 4096, "
+            "model_path: /models/x.gguf}")
+    monkeypatch.setenv("UNICORN_LLM_BACKEND", "fake")
+    llm = _load_file(tmp_path, monkeypatch, text).resources["llm"]
+    assert type(llm).__name__ == "FakeLLM"
+    with pytest.raises(ProfileError, match=r"llm\.n_ctxx is not a setting"):
+        _load_file(tmp_path, monkeypatch, text.replace("n_ctx:", "n_ctxx:"))
+    monkeypatch.delenv("UNICORN_LLM_BACKEND")  # the file's own choice: its keys are checked
+    with pytest.raises(ProfileError, match=r"llm\.words_per_completion is not a setting"):
+        _load_file(tmp_path, monkeypatch, text.replace("n_ctx:", "words_per_completion:"))
+
+
 def test_a_bad_environment_override_is_refused_naming_the_variable(offline, monkeypatch):
     monkeypatch.setenv("UNICORN_LLM_BACKEND", "vlm")
     with pytest.raises(ProfileError, match=r"local\.yaml: llm\.backend = 'vlm' \(from environment "
