@@ -78,11 +78,13 @@ class AutomationSettings(_Settings):
 
 def scan_seed_location(seeds: SeedSource, known: dict[str, dict[str, str]]
                        ) -> tuple[dict[str, dict[str, str]], list[str], set[str]]:
-    """{shard key: fingerprint} of the seed files now at the location, the files that cannot
-    be shards (bad name, key claimed by several files, empty) with the fix for each, and the keys
-    claimed by several files (on hold until all but one are renamed)."""
-    entries = {e["name"]: e for e in seeds.list_entries()}
+    """{shard key: fingerprint} of the seed files now at the location, the entries that cannot
+    be shards (folder, link, bad name, key claimed by several files, empty) with the fix for
+    each, and the keys claimed by several files (on hold until all but one are renamed)."""
+    listed, skipped = seeds.scan()
+    entries = {e["name"]: e for e in listed}
     shards, problems = discover_shards(list(entries))
+    problems = skipped + problems
     held = {key for key, files in claim_keys(list(entries))[0].items() if len(files) > 1}
     found = {}
     for key, name in shards.items():

@@ -17,7 +17,9 @@ from unicorn_assets.logic.caption_seeds import (
 )
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.metadata import add_shard_metadata, frame_metadata
-from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import SEED_BACKFILL, seed_shards
+from unicorn_assets.sharding import fail_some_shards
+from unicorn_resources.keys import SeedError
 from unicorn_resources.quality_gates import QualityGates
 from unicorn_resources.seed_source import SeedSource
 
@@ -49,25 +51,85 @@ def read_shard(seeds: SeedSource, key: str) -> SeedReadResult:
     },
     partitions_def=seed_shards,
     group_name="unicorn_seeds",
-    backfill_policy=SHARD_BACKFILL,
+    backfill_policy=SEED_BACKFILL,
 )
-def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource) -> Iterator[dg.Output]:
-    results = {key: read_shard(seeds, key) for key in context.partition_keys}
+def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource,
+                       quality_gates: QualityGates) -> Iterator[dg.Output]:
+    """Each shard is read and judged on its own. A shard that fails (its file gone or unreadable,
+    malformed lines under on_bad_line='fail', or no seeds or too many malformed lines for the
+    seed gates) fails the step naming it, after the others are stored. The gates are those of
+    the blocking checks, applied here per shard: a check blocks only the rest of its own run,
+    while a shard whose seeds are not recorded stays out of every later run (the next runs of a
+    backfill, the nightly regeneration) until it is fixed."""
+    results: dict[str, SeedReadResult] = {}
+    failed: dict[str, str] = {}
+    for key in context.partition_keys:
+        try:
+            results[key] = read_shard(seeds, key)
+        except Exception as err:  # any error fails this shard only
+            failed[key] = shard_failure(err)
+            context.log.error(f"{key}: {failed[key]}", exc_info=not isinstance(err, SeedError))
+    try:
+        for problem in seeds.shards()[1]:  # entries of the location that are not read
+            context.log.warning(f"seed location: {problem}")
+    except SeedError:
+        pass  # no location: every shard has failed with that message
     for key, result in results.items():
         bad = result.rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
         if bad.height:
             context.log.warning(f"{key}: {bad.height} malformed line(s) skipped into "
                                 "caption_seed_rejects: " + "; ".join(bad["detail"].head(3)))
-    add_shard_metadata(context, "caption_seeds", lambda key: frame_metadata(
-        results[key].seeds, ["seed_id", "seed_kind", "caption"],
-        lines_read=results[key].lines_read, rejects_by_reason=results[key].counts))
-    add_shard_metadata(context, "caption_seed_rejects", lambda key: frame_metadata(
-        results[key].rejects, ["source_line", "reason", "detail"],
-        rejects_by_reason=results[key].counts))
-    run = {"shards_in_run": len(results)}
-    yield dg.Output({k: r.seeds for k, r in results.items()}, "caption_seeds", metadata=run)
-    yield dg.Output({k: r.rejects for k, r in results.items()}, "caption_seed_rejects",
-                    metadata=run)
+        gate = seed_gate(result, quality_gates.seed_max_reject_rate)
+        if gate:
+            failed[key] = gate
+            context.log.error(f"{key}: {gate}")
+    metadata_for = {
+        "caption_seeds": lambda key: frame_metadata(
+            results[key].seeds, ["seed_id", "seed_kind", "caption"],
+            lines_read=results[key].lines_read, rejects_by_reason=results[key].counts),
+        "caption_seed_rejects": lambda key: frame_metadata(
+            results[key].rejects, ["source_line", "reason", "detail"],
+            rejects_by_reason=results[key].counts),
+    }
+    run = {"shards_in_run": len(context.partition_keys)}
+    outputs = {"caption_seeds": {k: r.seeds for k, r in results.items() if k not in failed},
+               "caption_seed_rejects": {k: r.rejects for k, r in results.items()}}
+    if failed:  # a gated shard's rejects are stored all the same: they say what to fix
+        fail_some_shards(context, outputs, metadata_for, failed, run)
+    for asset, metadata in metadata_for.items():
+        add_shard_metadata(context, asset, metadata)
+        yield dg.Output(outputs[asset], asset, metadata=run)
+
+
+def seed_gate(result: SeedReadResult, max_reject_rate: float) -> str | None:
+    """Why a shard's seeds must not go on (none left, or a share of malformed lines over the
+    gate), with the fix; None when they pass. The same rules as the blocking checks."""
+    bad = result.rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
+    files = pl.concat([result.rejects["source_file"], result.seeds["source_file"]]).head(1)
+    where = f"{files[0]}: " if files.len() else ""
+    reasons = ", ".join(f"{k} {n}" for k, n in result.counts.items()) or "none"
+    if not quality.non_empty(result.seeds).passed:
+        return (f"{where}no seed is left of {result.lines_read} line(s) (rejects: {reasons}); "
+                "see caption_seed_rejects for each line and its fix, or remove the file")
+    outcome = quality.reject_rate(result.seeds.height, bad.height, max_reject_rate)
+    if not outcome.passed:
+        return (f"{where}{bad.height} malformed line(s) beside {result.seeds.height} seed(s): "
+                f"{outcome.description}, over quality_gates.seed_max_reject_rate (rejects: "
+                f"{reasons}); fix the lines listed in caption_seed_rejects, or raise the gate")
+    return None
+
+
+def shard_failure(err: Exception) -> str:
+    """Why a shard's seed file could not be read, with the fix."""
+    if isinstance(err, SeedError):
+        return str(err)  # names the file and the fix
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        return (f"{where}the seed file cannot be read ({type(err).__name__}: "
+                f"{err.strerror or err}); check that it is there and readable, then materialise "
+                "the shard again")
+    return (f"reading the seed file failed ({type(err).__name__}: {err}); the run log has the "
+            "traceback")
 
 
 @dg.asset_check(asset="caption_seeds", name="malformed_line_rate", blocking=True,

@@ -32,15 +32,39 @@ class SeedSource(dg.ConfigurableResource):
     label_templates: str = "seed_labels/v1.txt"
     templates_per_label: int = Field(10, ge=1, le=1000)
 
-    def list_entries(self) -> list[dict[str, Any]]:
-        """fsspec details (name, size, mtime or ETag) of the files at the location, listed afresh:
-        s3fs would otherwise answer from its listing cache and miss files added since."""
+    def scan(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """fsspec details (name, size, mtime or ETag) of the regular files at the location, listed
+        afresh (s3fs would otherwise answer from its listing cache and miss files added since),
+        and a warning naming each other entry: a folder, a symbolic link, a device. Only the
+        regular files at the top of the location are read."""
         fs, root = self.s3.fs(self.location)
         fs.invalidate_cache(root)
         if not fs.isdir(root):
             raise SeedError(f"seed location {self.location} is not a folder or prefix; point "
                             "UNICORN_SEEDS (or the seeds resource's location) at one")
-        return [e for e in fs.ls(root, detail=True) if e["type"] == "file"]
+        files, problems = [], []
+        for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+            if entry["type"] == "file" and not entry.get("islink"):
+                files.append(entry)
+            else:
+                problems.append(self._not_read(entry))
+        return files, problems
+
+    def _not_read(self, entry: dict[str, Any]) -> str:
+        name = entry["name"]
+        if entry.get("islink"):
+            return (f"{name}: a symbolic link (to {entry.get('destination', '?')}), which is not "
+                    "followed, so it is not read. Copy the file itself into the seed location.")
+        if entry["type"] == "directory":
+            return (f"{name}: a folder; only the files at the top of the seed location are read, "
+                    "not those in its folders. Move the seed files up into "
+                    f"{self.location}, or point the seed location at the folder.")
+        return (f"{name}: not a regular file ({entry['type']}), so it is not read. Put seed files "
+                "in the seed location as regular files.")
+
+    def list_entries(self) -> list[dict[str, Any]]:
+        """The regular files of `scan()`."""
+        return self.scan()[0]
 
     def list_files(self) -> list[str]:
         return [e["name"] for e in self.list_entries()]
@@ -60,10 +84,12 @@ class SeedSource(dg.ConfigurableResource):
         return {"stat": stat, "hash": f"sha256:{digest}"}
 
     def shards(self) -> tuple[dict[str, str], list[str]]:
-        """(partition key -> file URI, problems with files that could not become shards)."""
-        shards, problems = discover_shards(self.list_files())
+        """(partition key -> file URI, problems with entries that could not become shards:
+        folders and links, then files)."""
+        entries, skipped = self.scan()
+        shards, problems = discover_shards([e["name"] for e in entries])
         protocol = "s3://" if self.location.startswith("s3://") else ""
-        return {k: protocol + v for k, v in shards.items()}, problems
+        return {k: protocol + v for k, v in shards.items()}, skipped + problems
 
     def file_for(self, key: str) -> str:
         check_key(key)  # a key registered by hand may be unsafe: refuse it before any listing

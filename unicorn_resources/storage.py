@@ -330,6 +330,21 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             self.catalog().refresh_view(name, self._glob(name, context.has_asset_partitions),
                                         columns, log=context.log)
 
+    def store_shards(self, asset: str, frames: dict[str, pl.DataFrame], log: Any = None
+                     ) -> dict[str, str]:
+        """Write some partitions of a per-shard asset outside an Output, as handle_output does;
+        returns {partition: URI}. A multi-shard step whose other shards failed stores its healthy
+        shards this way: Dagster records the partitions of an Output all or none."""
+        uris = {}
+        for partition, frame in frames.items():
+            uris[partition] = self.uri(asset, partition)
+            fs, path = self.s3.fs(uris[partition])
+            write_parquet(fs, path, frame)
+        if uris and is_local(fs):
+            columns = {c for frame in frames.values() for c in frame.collect_schema().names()}
+            self.catalog().refresh_view(asset, self._glob(asset, True), columns, log=log)
+        return uris
+
     def load_input(self, context: dg.InputContext) -> pl.DataFrame | pl.LazyFrame:
         name = self._name(context.asset_key)
         if context.has_asset_partitions:

@@ -20,7 +20,7 @@ from dagster_project.staleness import (
     run_requests,
     with_recipe_versions,
 )
-from tests.support import make_resources
+from tests.support import coco_captions, make_resources, write_jsonl
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.instructions import make_instructions
@@ -244,3 +244,35 @@ def test_the_profiles_stage2_settings_go_into_the_instructions_version(tmp_path,
     assert paper["instructions"] != demo["instructions"]
     assert paper["expanded_captions"] == demo["expanded_captions"]
     assert versions({"qa_pairs_min": 2, "qa_pairs_max": 2}) == demo
+
+
+def test_a_bad_shard_of_a_run_leaves_the_healthy_ones_due_for_stage1_only(instance, tmp_path):
+    keys = ["shard-a", "shard-b", "shard-c", "shard-d"]
+    folder = tmp_path / "seeds"
+    for i, key in enumerate(keys):
+        write_jsonl(folder / f"{key}.jsonl", coco_captions(3, offset=3 * i))
+    with open(folder / "shard-c.jsonl", "ab") as handle:
+        handle.write(b"{broken\n")
+    instance.add_dynamic_partitions(SEED_SHARDS, keys)
+    resources = make_resources(tmp_path / "data", folder, llm=FakeLLM(),
+                               seeds={"on_bad_line": "fail"})
+    defs = nightly_defs(resources)
+    job = defs.get_repository_def().get_job(defs.get_schedule_def("nightly_regeneration").job_name)
+
+    (request,) = evaluate(defs, instance).run_requests
+    assert shards_of(request) == ("shard-a", "shard-d")
+    result = job.execute_in_process(instance=instance, asset_selection=request.asset_selection,
+                                    tags=request.tags, raise_on_error=False)
+    assert not result.success  # shard-c fails its run; Stage 1 did not run for anyone
+    assert not (tmp_path / "data" / "expanded_captions").exists()
+
+    # the healthy shards' seeds were kept, fresh: the next tick asks only for their Stage 1,
+    # in runs without shard-c, which is asked for again from its seeds
+    requests = evaluate(defs, instance).run_requests
+    by_shards = {shards_of(r): set(r.asset_selection) for r in requests}
+    assert by_shards == {("shard-a", "shard-b"): STAGE1, ("shard-c",): SEEDS | STAGE1,
+                         ("shard-d",): STAGE1}
+    for healthy in (r for r in requests if set(r.asset_selection) == STAGE1):
+        execute(defs, instance, healthy)
+    written = sorted(p.stem for p in (tmp_path / "data" / "expanded_captions").glob("*.parquet"))
+    assert written == ["shard-a", "shard-b", "shard-d"]

@@ -101,6 +101,22 @@ def test_invalid_files_are_reported_and_skipped(instance, seed_dir, tmp_path, ca
     assert fixed.asset_events[0].metadata["invalid_seed_file_count"].value == 2
 
 
+def test_folders_and_links_are_reported_by_the_sensor(instance, seed_dir, tmp_path, capfd):
+    write_jsonl(seed_dir / "nested" / "shard-c.jsonl", coco_captions(2, offset=8))
+    (seed_dir / "shard-d.jsonl").symlink_to(seed_dir / "nested" / "shard-c.jsonl")
+    sensor, resources = sensor_for(), make_resources(tmp_path / "data", seed_dir)
+
+    first = tick(sensor, instance, resources, None)
+    assert sorted(r.partition_key for r in first.run_requests) == ["shard-a", "shard-b"]
+    problems = json.loads(first.cursor)["problems"]
+    assert [p.split(": ")[0] for p in problems] == [str(seed_dir / "nested"),
+                                                   str(seed_dir / "shard-d.jsonl")]
+    assert first.asset_events[0].metadata["invalid_seed_file_count"].value == 2
+    logged = capfd.readouterr().err
+    assert f"skipped: {seed_dir / 'nested'}: a folder" in logged
+    assert f"skipped: {seed_dir / 'shard-d.jsonl'}: a symbolic link" in logged
+
+
 def test_new_keys_per_tick_are_capped(instance, tmp_path):
     folder = tmp_path / "seeds"
     for i in range(5):

@@ -46,6 +46,15 @@ def test_shards_lists_the_seed_files_and_the_refused_ones(env, tmp_path: Path):
     assert "skipped:" in out.stderr and "not a key.jsonl" in out.stderr
     assert "Rename the file" in out.stderr
 
+    # a folder and a link in the seed location are named, where they used to be passed over
+    write_jsonl(seeds / "more" / "coco-c.jsonl", coco_captions(3, offset=6))
+    (seeds / "coco-d.jsonl").symlink_to(seeds / "more" / "coco-c.jsonl")
+    out = unicorn(env, "shards", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == ["coco-a", "coco-b"]
+    assert f"skipped: {seeds / 'more'}: a folder" in out.stderr
+    assert f"skipped: {seeds / 'coco-d.jsonl'}: a symbolic link" in out.stderr
+
 
 def test_materialize_twice_replaces_and_records_runs_in_dagster_home(env, tmp_path: Path):
     data = Path(env["UNICORN_DATA_DIR"])

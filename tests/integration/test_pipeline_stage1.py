@@ -118,8 +118,9 @@ def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, inst
     assert len(list((data / "expanded_captions").glob("*.parquet"))) == 2
 
 
-def test_a_blocking_check_stops_stage1(tmp_path: Path, seed_dir: Path, instance, fake_llm):
-    """A strict gate on seeds fails its blocking check, and Stage 1 does not run on those seeds."""
+def test_seeds_that_fail_their_gate_stop_stage1(tmp_path: Path, seed_dir: Path, instance, fake_llm):
+    """Seeds that fail the seed gates (here: none left) fail their shard, and Stage 1 does not
+    run on them, in this run or any later one: they are not recorded as materialised."""
     data = tmp_path / "data"
     resources = make_resources(data, seed_dir, llm=fake_llm, seeds={"caption_column": "nope",
                                                                    "label_column": "nope2"})
@@ -127,9 +128,13 @@ def test_a_blocking_check_stops_stage1(tmp_path: Path, seed_dir: Path, instance,
     result = dg.materialize(ASSETS, instance=instance, resources=resources, partition_key=KEYS[0],
                             raise_on_error=False)
     assert not result.success
-    checks = check_results(result)
-    assert checks[("caption_seeds", "non_empty")] is False
+    (failure,) = result.get_step_failure_events()
+    assert failure.step_key == "read_caption_seeds"
+    assert f"{KEYS[0]}.jsonl: no seed is left of 4 line(s) (rejects: missing_caption 4)" in \
+        failure.step_failure_data.error.message
     assert not (data / "expanded_captions").exists()
+    assert not instance.get_materialized_partitions(dg.AssetKey("caption_seeds"))
+    assert instance.get_materialized_partitions(dg.AssetKey("caption_seed_rejects")) == {KEYS[0]}
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,9 +46,17 @@ REJECT_SCHEMA = pl.Schema(
 # Reasons that mean the input line was malformed (the tolerance applies to these), as opposed
 # to well-formed lines dropped on purpose (empty or duplicate captions).
 BAD_LINE_REASONS = frozenset(
-    {"bad_json", "bad_encoding", "line_too_long", "missing_caption", "bad_caption_type",
-     "empty_file", "unreadable_file"}
+    {"bad_json", "bad_csv", "bad_encoding", "line_too_long", "missing_caption", "null_caption",
+     "bad_caption_type", "control_character", "empty_file", "unreadable_file"}
 )
+# Control characters (C0, DEL, C1) other than the ordinary whitespace ones (tab, line feed,
+# vertical tab, form feed, carriage return), which whitespace normalisation turns into a space.
+# A caption holding one (NUL, BEL, ESC, ...) is rejected, not cleaned: it is a sign of a binary
+# or mis-decoded record, and removing ESC alone would leave a terminal code's "[31m" behind.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+_C0_NAMES = ["NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL", "BS", "HT", "LF", "VT",
+             "FF", "CR", "SO", "SI", "DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB",
+             "CAN", "EM", "SUB", "ESC", "FS", "GS", "RS", "US"]
 
 
 @dataclass(frozen=True)
@@ -78,36 +88,64 @@ class _Collector:
     def reject(self, line: int, reason: str, detail: str, raw: str = "") -> None:
         self.rejects.append(
             {"shard": self.shard, "source_file": self.source, "source_line": line,
-             "reason": reason, "detail": f"{self.source}:{line}: {detail}", "raw": excerpt(raw)}
+             "reason": reason, "detail": f"{self.source}:{line}: {detail}",
+             "raw": excerpt(escape_controls(raw))}
         )
 
     def record(self, line: int, rec: dict, raw: str) -> None:
+        """One parsed record. A field that is there but null (JSON null, a Parquet null, an empty
+        CSV cell) counts as null, not as missing."""
         opts = self.opts
-        text, kind = rec.get(opts.caption_column), "caption"
-        if text is None and rec.get(opts.label_column) is not None:
-            text, kind = rec.get(opts.label_column), "label"
+        cap, lab = opts.caption_column, opts.label_column
+        text, kind = rec.get(cap), "caption"
+        if text is None and rec.get(lab) is not None:
+            text, kind = rec.get(lab), "label"
         if text is None:
+            if cap in rec or lab in rec:
+                nulls = " and ".join(repr(k) for k in (cap, lab) if k in rec)
+                self.reject(line, "null_caption",
+                            f"{nulls} {'is' if ' and ' not in nulls else 'are'} null; give the "
+                            "record a caption text, or remove the record", raw)
+                return
             found = ", ".join(sorted(map(str, rec))) or "none"
             self.reject(
                 line, "missing_caption",
-                f"no {opts.caption_column!r} (or {opts.label_column!r}) field; found: {found}. "
-                f"Add a {opts.caption_column!r} field, or set caption_column to the field that "
-                "holds the caption.",
+                f"no {cap!r} (or {lab!r}) field; found: {found}. Add a {cap!r} field, or set "
+                "caption_column to the field that holds the caption.",
                 raw,
             )
             return
         if not isinstance(text, str):
             self.reject(line, "bad_caption_type",
-                        f"{opts.caption_column!r} must be a string, got {type(text).__name__}", raw)
+                        f"{cap!r} must be a string, got {type(text).__name__}", raw)
             return
-        rid, label = rec.get(opts.id_column), rec.get(opts.label_column)
-        meta = {k: v for k, v in rec.items()
-                if k not in (opts.caption_column, opts.label_column, opts.id_column)}
+        rid, label = rec.get(opts.id_column), rec.get(lab)
+        for name, value in ((cap if kind == "caption" else lab, text), (lab, label)):
+            found = CONTROL_CHARACTER.search(value) if isinstance(value, str) else None
+            if found:
+                self.reject(line, "control_character",
+                            f"{name!r} holds the control character {describe_control(found[0])} "
+                            f"at character {found.start() + 1}; remove it (a tab or line break "
+                            "is fine: it becomes a space)", raw)
+                return
+        meta = {k: v for k, v in rec.items() if k not in (cap, lab, opts.id_column)}
         self.rows.append(
             {"raw_id": None if rid is None or rid == "" else str(rid), "text": text, "kind": kind,
              "label": None if label is None else normalise_ws(str(label)),
              "source_line": line, "meta": json.dumps(meta, sort_keys=True, default=str)}
         )
+
+
+def describe_control(char: str) -> str:
+    """'U+001B (ESC)' for a C0 control character, 'U+0085' for a C1 one."""
+    code = ord(char)
+    name = _C0_NAMES[code] if code < 32 else "DEL" if code == 0x7F else ""
+    return f"U+{code:04X}" + (f" ({name})" if name else "")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters written as \\xNN, for a reject's `raw` excerpt."""
+    return CONTROL_CHARACTER.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 def read_seed_bytes(data: bytes, source: str, shard: str, opts: SeedReadOptions) -> SeedReadResult:
@@ -175,40 +213,88 @@ def _parse_jsonl(data: bytes, col: _Collector) -> None:
 
 
 def _parse_csv(data: bytes, col: _Collector) -> None:
+    """Strict CSV: a record whose quotes do not close (a quote never closed, or text after a
+    closing quote) rejects its first line, and parsing goes on from the line after it, so the
+    records after the damage are kept; a record with another number of fields than the header
+    is rejected."""
     text = data.decode("utf-8-sig", errors="surrogateescape")
     csv.field_size_limit(sys.maxsize)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    fields = reader.fieldnames or []
     opts = col.opts
-    if opts.caption_column not in fields and opts.label_column not in fields:
-        col.reject(1, "missing_caption",
-                   f"the CSV header has no {opts.caption_column!r} (or {opts.label_column!r}) column; "
-                   f"found: {', '.join(fields) or 'none'}. Rename the caption column to "
-                   f"{opts.caption_column!r}, or set caption_column.", ",".join(fields))
-        return
-    start = 2
-    for row in reader:
-        number, start = start, reader.line_num + 1
-        col.lines = reader.line_num
-        raw = ",".join(v if isinstance(v, str) else "" for v in row.values())
+    fields: list[str] | None = None
+    for first, last, row in _csv_records(io.StringIO(text, newline="").readlines(), col):
+        col.lines = last
+        if fields is None:
+            fields = row
+            if opts.caption_column not in fields and opts.label_column not in fields:
+                col.reject(first, "missing_caption",
+                           f"the CSV header has no {opts.caption_column!r} (or "
+                           f"{opts.label_column!r}) column; found: {', '.join(fields) or 'none'}. "
+                           f"Rename the caption column to {opts.caption_column!r}, or set "
+                           "caption_column.", ",".join(fields))
+                return
+            continue
+        raw = ",".join(row)
+        if len(row) != len(fields):
+            where = f" (lines {first}-{last})" if last > first else ""
+            col.reject(first, "bad_csv",
+                       f"the record{where} has {len(row)} field(s), the header {len(fields)}; "
+                       'quote a field that holds a comma ("..."), and give every row the '
+                       "header's fields", _readable(raw))
+            continue
         if len(raw.encode("utf-8", "surrogateescape")) > opts.max_line_bytes:
-            col.reject(number, "line_too_long",
+            col.reject(first, "line_too_long",
                        f"row is over max_line_bytes={opts.max_line_bytes:,}; shorten the record, "
-                       "or raise max_line_bytes", raw[:200].encode("utf-8", "surrogateescape")
-                       .decode("utf-8", "replace"))
+                       "or raise max_line_bytes", _readable(raw[:200]))
             continue
         try:
             raw.encode("utf-8")
         except UnicodeEncodeError:
-            col.reject(number, "bad_encoding", "not valid UTF-8; re-encode the file as UTF-8",
-                       raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+            col.reject(first, "bad_encoding", "not valid UTF-8; re-encode the file as UTF-8",
+                       _readable(raw))
             continue
-        rec = {k: v for k, v in row.items() if k is not None and v not in (None,)}
-        if rec.get(opts.caption_column) == "" and opts.label_column in rec:
-            rec.pop(opts.caption_column)
-        if rec.get(opts.label_column) == "":
-            rec.pop(opts.label_column)
-        col.record(number, rec, raw)
+        # CSV has no null: an empty caption or label cell is read as one
+        rec = {k: (None if v == "" and k in (opts.caption_column, opts.label_column) else v)
+               for k, v in zip(fields, row, strict=True)}
+        col.record(first, rec, raw)
+
+
+def _csv_records(lines: list[str], col: _Collector) -> Iterator[tuple[int, int, list[str]]]:
+    """(first line, last line, fields) of each CSV record of `lines` (physical lines, their
+    endings kept), the header first; blank lines are skipped. A record the CSV reader refuses
+    (strict quoting) is rejected, and reading starts again at the line after its first."""
+    pos = 0  # index of the first line the current reader reads
+    header = True
+    while pos < len(lines):
+        reader = csv.reader((lines[i] for i in range(pos, len(lines))), strict=True)
+        done = 0  # lines the reader had read up to the end of its last record
+        try:
+            for row in reader:
+                first, done = pos + done + 1, reader.line_num
+                if row:
+                    header = False
+                    yield first, pos + done, row
+            return
+        except csv.Error as err:
+            first = pos + done + 1
+            col.reject(first, "bad_csv", _csv_problem(str(err)), _readable(lines[first - 1]))
+            if header:
+                return  # without a header no row can be read
+            pos = first
+
+
+def _readable(text: str) -> str:
+    """Text decoded with surrogateescape, its undecodable bytes shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _csv_problem(error: str) -> str:
+    if "unexpected end of data" in error:
+        return ("a quote opened in this record is never closed, so it would swallow every line "
+                "after it (those were read on their own); close the field's quote "
+                '("..."), or double a quote inside a quoted field ("")')
+    return (f"not valid CSV ({error}): a quote in this record is not closed where its field ends; "
+            'close every quoted field just before the comma or line end, and double a quote '
+            'inside it, e.g. "a ""big"" dog"')
 
 
 def _parse_parquet(data: bytes, col: _Collector) -> None:
@@ -224,9 +310,10 @@ def _parse_parquet(data: bytes, col: _Collector) -> None:
                    f"{', '.join(frame.columns) or 'none'}. Rename the caption column to "
                    f"{opts.caption_column!r}, or set caption_column.")
         return
+    keep_null = (opts.caption_column, opts.label_column)  # a null caption is reported as null
     for number, rec in enumerate(frame.iter_rows(named=True), start=1):
         col.lines = number
-        rec = {k: v for k, v in rec.items() if v is not None}
+        rec = {k: v for k, v in rec.items() if v is not None or k in keep_null}
         col.record(number, rec, json.dumps(rec, default=str)[:200])
 
 

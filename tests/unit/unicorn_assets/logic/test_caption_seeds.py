@@ -108,6 +108,31 @@ def test_discovery_skips_unsafe_and_clashing_files_but_keeps_the_others():
         "twin-jsonl": "/s/twin-jsonl.jsonl", "twin": "/s/twin.csv"}
 
 
+def test_folders_and_links_in_the_seed_location_are_named_not_read(tmp_path: Path):
+    folder = tmp_path / "seeds"
+    write_jsonl(folder / "top.jsonl", coco_captions(2))
+    write_jsonl(folder / "nested" / "deeper.jsonl", coco_captions(2, offset=2))
+    outside = write_jsonl(tmp_path / "elsewhere" / "outside.jsonl", coco_captions(2, offset=4))
+    (folder / "linked.jsonl").symlink_to(outside)
+    (folder / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (folder / "linked-dir").symlink_to(outside.parent, target_is_directory=True)
+    source = SeedSource(location=str(folder))
+
+    shards, problems = source.shards()
+    assert shards == {"top": str(folder / "top.jsonl")}  # as before: only the regular file
+    by_name = {p.split(": ")[0]: p for p in problems}
+    assert set(by_name) == {str(folder / n) for n in
+                            ("nested", "linked.jsonl", "dangling.jsonl", "linked-dir")}
+    assert "a folder; only the files at the top of the seed location are read" in \
+        by_name[str(folder / "nested")]
+    assert "point the seed location at the folder" in by_name[str(folder / "nested")]
+    link = by_name[str(folder / "linked.jsonl")]
+    assert f"a symbolic link (to {outside})" in link and "Copy the file itself" in link
+    assert [e["name"] for e in source.list_entries()] == [str(folder / "top.jsonl")]
+    with pytest.raises(SeedError, match="no seed file for shard 'linked'"):
+        read_shard(source, "linked")  # a link is never read, even by its key
+
+
 def test_three_files_of_one_key_are_all_refused_and_named():
     shards, problems = discover_shards(["/s/x.JSONL", "/s/x.parquet", "/s/x.csv", "/s/y.csv"])
     assert shards == {"y": "/s/y.csv"}
@@ -270,11 +295,11 @@ def test_missing_caption_column_in_parquet():
     assert result.seeds.height == 0
     assert_message(only_reject(result, "missing_caption"), "/seeds/m.parquet", 1,
                    "Rename the caption column to 'caption'")
-    # a null caption in one row rejects that row only
+    # a null caption in one row rejects that row only, as null (the column is there)
     result = read(parquet(pl.DataFrame({"caption": [caps[0], None, caps[2]]})), "n.parquet")
     assert result.seeds["caption"].to_list() == [caps[0], caps[2]]
-    assert_message(only_reject(result, "missing_caption"), "/seeds/n.parquet", 2,
-                   "set caption_column")
+    assert_message(only_reject(result, "null_caption"), "/seeds/n.parquet", 2,
+                   "'caption' is null; give the record a caption text")
 
 
 def test_latin1_bytes_in_a_jsonl_line():
@@ -350,13 +375,125 @@ def test_on_bad_line_fail_lists_at_most_five_lines():
         read(data, "many.jsonl", on_bad_line="fail")
 
 
+def plain_captions(n: int) -> list[str]:
+    """Real COCO captions without a comma or a quote, to write as bare CSV fields."""
+    caps = [c["caption"] for c in coco_captions(4 * n)]
+    return [c for c in caps if "," not in c and '"' not in c][:n]
+
+
+def test_an_unclosed_csv_quote_rejects_its_record_and_keeps_the_others():
+    caps = plain_captions(4)
+    data = f'id,caption\n1,{caps[0]}\n2,"{caps[1]}\n3,{caps[2]}\n4,{caps[3]}\n'.encode()
+    result = read(data, "quote.csv")
+    # the quote of line 3 used to swallow lines 4 and 5 into its caption, with no reject
+    assert result.seeds.select("caption", "source_line").rows() == [
+        (caps[0], 2), (caps[2], 4), (caps[3], 5)]
+    reject = only_reject(result, "bad_csv")
+    assert_message(reject, "/seeds/quote.csv", 3, "never closed")
+    assert reject["raw"] == f'2,"{caps[1]}\n'[:200]
+    assert result.lines_read == 5
+    with pytest.raises(SeedError, match=r"quote.csv:3: a quote opened in this record"):
+        read(data, "quote.csv", on_bad_line="fail")
+
+
+def test_a_csv_quote_that_closes_on_a_later_line_rejects_the_line_it_opened_on():
+    caps = plain_captions(3)
+    data = f'id,caption\n1,"{caps[0]}\n2,"{caps[1]}"\n3,{caps[2]}\n'.encode()
+    result = read(data, "late.csv")
+    assert result.seeds.select("caption", "source_line").rows() == [(caps[1], 3), (caps[2], 4)]
+    assert_message(only_reject(result, "bad_csv"), "/seeds/late.csv", 2,
+                   "close every quoted field just before the comma or line end")
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_rejected():
+    caps = plain_captions(2)
+    data = f"id,caption\n1,{caps[0]}\n2,A dog, a cat and a bird\n3,{caps[1]}\n".encode()
+    result = read(data, "wide.csv")
+    # before, the caption was cut at the comma ("A dog") and the rest dropped without a word
+    assert result.seeds["caption"].to_list() == caps
+    reject = only_reject(result, "bad_csv")
+    assert_message(reject, "/seeds/wide.csv", 3, 'quote a field that holds a comma ("...")')
+    assert "has 3 field(s), the header 2" in reject["detail"]
+
+
+@pytest.mark.parametrize("char, name", [("\x00", "U+0000 (NUL)"), ("\x07", "U+0007 (BEL)"),
+                                        ("\x1b", "U+001B (ESC)"), ("\x7f", "U+007F (DEL)"),
+                                        ("\x85", "U+0085")])
+def test_a_control_character_rejects_the_record(char, name):
+    caps = [c["caption"] for c in coco_captions(2)]
+    bad = f"A dog{char}[31m on the grass."
+    from_jsonl = read(jsonl([{"caption": caps[0]}, {"caption": bad}, {"caption": caps[1]}]),
+                      "ctl.jsonl")
+    assert from_jsonl.seeds["caption"].to_list() == caps
+    reject = only_reject(from_jsonl, "control_character")
+    assert_message(reject, "/seeds/ctl.jsonl", 2,
+                   f"'caption' holds the control character {name} at character 6; remove it")
+    assert "control_character" in BAD_LINE_REASONS  # counted as malformed, fails strict shards
+
+    from_csv = read(csv_bytes([{"caption": c} for c in (caps[0], bad, caps[1])], ["caption"]),
+                    "ctl.csv")
+    assert from_csv.seeds["caption"].to_list() == caps
+    reject = only_reject(from_csv, "control_character")
+    assert reject["source_line"] == 3
+    # the rejects output shows the character, escaped, and does not carry it on
+    assert char not in reject["raw"] and f"\\x{ord(char):02x}[31m" in reject["raw"]
+    from_parquet = read(parquet(pl.DataFrame({"caption": [caps[0], bad, caps[1]]})), "c.parquet")
+    assert from_parquet.seeds["caption"].to_list() == caps
+    assert only_reject(from_parquet, "control_character")["source_line"] == 2
+
+
+def test_a_control_character_in_a_label_rejects_the_record():
+    result = read(jsonl([{"label": "Blue\x1bJay"}, {"caption": "A bird.", "label": "Owl\x00"}]))
+    assert result.seeds.height == 0
+    details = result.rejects.filter(pl.col("reason") == "control_character")["detail"].to_list()
+    assert len(details) == 2 and all("'label' holds the control character" in d for d in details)
+
+
+def test_tabs_and_line_breaks_in_a_caption_become_spaces():
+    data = jsonl([{"caption": "A dog\ton the\r\ngrass,\x0bin\x0cthe sun."}])
+    result = read(data)
+    assert result.seeds["caption"].to_list() == ["A dog on the grass, in the sun."]
+    assert result.rejects.height == 0
+
+
+def test_a_null_caption_is_reported_as_null_not_as_missing():
+    caps = [c["caption"] for c in coco_captions(2)]
+    from_jsonl = read(jsonl([{"caption": caps[0]}, {"id": 2, "caption": None}, {"id": 3},
+                             {"caption": caps[1]}]), "null.jsonl")
+    assert from_jsonl.seeds["caption"].to_list() == caps
+    null = only_reject(from_jsonl, "null_caption")
+    assert_message(null, "/seeds/null.jsonl", 2, "'caption' is null; give the record a caption")
+    assert "no 'caption'" not in null["detail"]
+    assert_message(only_reject(from_jsonl, "missing_caption"), "/seeds/null.jsonl", 3,
+                   "no 'caption' (or 'label') field; found: id")
+    assert {"null_caption", "missing_caption"} <= BAD_LINE_REASONS
+
+    # CSV has no null: an empty caption cell is one
+    from_csv = read(csv_bytes([{"id": "1", "caption": caps[0]}, {"id": "2", "caption": ""},
+                               {"id": "3", "caption": caps[1]}], ["id", "caption"]), "null.csv")
+    assert from_csv.seeds["caption"].to_list() == caps
+    assert_message(only_reject(from_csv, "null_caption"), "/seeds/null.csv", 3,
+                   "'caption' is null")
+
+    from_parquet = read(parquet(pl.DataFrame({"caption": [None, caps[0]],
+                                              "label": [None, None]})), "null.parquet")
+    assert from_parquet.seeds["caption"].to_list() == [caps[0]]
+    assert_message(only_reject(from_parquet, "null_caption"), "/seeds/null.parquet", 1,
+                   "'caption' and 'label' are null")
+
+    # a null caption beside a label is a label seed, in every format
+    assert read(jsonl([{"caption": None, "label": "Blue Jay"}])).seeds.height == 10
+    assert read(b"caption,label\n,Blue Jay\n", "l.csv").seeds.height == 10
+
+
 # ---------------------------------------------------------------- the asset, on a real instance
 
 
-def materialise_seeds(instance, data_dir: Path, seeds: Path, keys: list[str], **seed_options):
+def materialise_seeds(instance, data_dir: Path, seeds: Path, keys: list[str],
+                      gates: dict | None = None, **seed_options):
     existing = set(instance.get_dynamic_partitions("seed_shards"))
     instance.add_dynamic_partitions("seed_shards", [k for k in keys if k not in existing])
-    resources = make_resources(data_dir, seeds, seeds=seed_options)
+    resources = make_resources(data_dir, seeds, seeds=seed_options, quality_gates=gates or {})
     tags = {"dagster/asset_partition_range_start": keys[0],
             "dagster/asset_partition_range_end": keys[-1]}
     return dg.materialize([read_caption_seeds, *seed_checks], instance=instance,
@@ -391,45 +528,52 @@ def test_bad_shards_do_not_touch_the_good_ones(tmp_path: Path, instance):
     (folder / "good.csv").unlink()
     data = tmp_path / "data"
     result = materialise_seeds(instance, data, folder, ["empty", "good", "mixed"])
-    # malformed lines never crash the run: the asset is written for every shard
-    assert "read_caption_seeds" in {e.step_key for e in result.get_step_success_events()}
+    # each shard is judged on its own: the empty one and the one with half its lines malformed
+    # (over seed_max_reject_rate) fail by name; the good one is stored
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message
+    assert "2 of 3 shard(s) failed" in message
+    assert (f"- empty: {folder / 'empty.jsonl'}: no seed is left of 0 line(s) (rejects: "
+            "empty_file 1)") in message
+    assert (f"- mixed: {folder / 'mixed.jsonl'}: 2 malformed line(s) beside 2 seed(s): reject "
+            "rate 50.0% (max 25%), over quality_gates.seed_max_reject_rate") in message
+    assert "fix the lines listed in caption_seed_rejects, or raise the gate" in message
+    assert "The other 1 (good) were stored" in message
 
     good = pl.read_parquet(data / "caption_seeds" / "good.parquet")
     alone = read_shard(SeedSource(location=str(folder)), "good").seeds
     assert good.equals(alone) and good.height == 4
     assert pl.read_parquet(data / "caption_seed_rejects" / "good.parquet").height == 0
-
-    mixed = pl.read_parquet(data / "caption_seeds" / "mixed.parquet")
-    assert mixed["caption"].to_list() == caps[:2]
+    # the failed shards' seeds go nowhere; their rejects are stored, to say what to fix
+    assert not (data / "caption_seeds" / "mixed.parquet").exists()
+    assert not (data / "caption_seeds" / "empty.parquet").exists()
     rejects = pl.read_parquet(data / "caption_seed_rejects" / "mixed.parquet")
     assert rejects.select("source_line", "reason").rows() == [(2, "bad_json"),
                                                              (3, "bad_encoding")]
     assert pl.read_parquet(data / "caption_seed_rejects" / "empty.parquet")["reason"].to_list() \
         == ["empty_file"]
 
-    materialised = {(m.asset_key.to_user_string(), m.partition)
-                    for m in (e.materialization for e in result.get_asset_materialization_events())}
-    assert materialised == {(a, k) for a in ("caption_seeds", "caption_seed_rejects")
-                            for k in ("empty", "good", "mixed")}
+    seeds_meta = run_materialisations(instance, result.run_id, "caption_seeds")
+    rejects_meta = run_materialisations(instance, result.run_id, "caption_seed_rejects")
+    assert set(seeds_meta) == {"good"} and set(rejects_meta) == {"empty", "good", "mixed"}
     # one run, three shards: each shard's materialisation carries its own figures
-    meta = {(m.asset_key.to_user_string(), m.partition): m.metadata
-            for m in (e.materialization for e in result.get_asset_materialization_events())}
-    assert {k: meta["caption_seeds", k]["dagster/row_count"].value
-            for k in ("empty", "good", "mixed")} == \
-        {"empty": 0, "good": 4, "mixed": 2}
-    assert meta["caption_seeds", "mixed"]["rejects_by_reason"].value == \
-        {"bad_encoding": 1, "bad_json": 1}
-    assert meta["caption_seed_rejects", "empty"]["rejects_by_reason"].value == {"empty_file": 1}
-    assert meta["caption_seeds", "good"]["shards_in_run"].value == 3
+    assert seeds_meta["good"]["dagster/row_count"] == 4
+    assert seeds_meta["good"]["shards_in_run"] == 3
+    assert rejects_meta["mixed"]["rejects_by_reason"] == {"bad_encoding": 1, "bad_json": 1}
+    assert rejects_meta["empty"]["rejects_by_reason"] == {"empty_file": 1}
 
-    # the blocking checks judge each shard on its own: the good shard does not dilute the rate
-    # of the bad ones, and the empty shard is not hidden by the others' rows
-    checks = checks_by_name(result, "caption_seeds")
-    assert not checks["malformed_line_rate"].passed
-    assert checks["malformed_line_rate"].metadata["failing_shards"].value == ["empty", "mixed"]
-    assert checks["non_empty"].metadata["failing_shards"].value == ["empty"]
-    assert not result.success
-    # ... while the good shard alone passes every check
+    # under a looser gate the mixed shard passes, and so do the blocking checks, which judge
+    # each shard of a run on its own
+    loose = materialise_seeds(instance, data, folder, ["good", "mixed"],
+                              gates={"seed_max_reject_rate": 0.5})
+    assert loose.success
+    assert pl.read_parquet(data / "caption_seeds" / "mixed.parquet")["caption"].to_list() \
+        == caps[:2]
+    checks = checks_by_name(loose, "caption_seeds")
+    assert checks["malformed_line_rate"].passed
+    assert checks["malformed_line_rate"].metadata["shards"].value == 2
+    # ... and the good shard alone passes every check
     good_only = materialise_seeds(instance, data, folder, ["good"])
     assert good_only.success
     assert all(e.passed for e in good_only.get_asset_check_evaluations())
@@ -445,16 +589,76 @@ def test_on_bad_line_fail_fails_the_run_and_keeps_what_was_written(tmp_path: Pat
     folder, _ = seed_folder(tmp_path)
     (folder / "good.csv").unlink()
     data = tmp_path / "data"
-    wrote = materialise_seeds(instance, data, folder, ["mixed"])  # skip mode: written, check fails
-    assert "read_caption_seeds" in {e.step_key for e in wrote.get_step_success_events()}
+    wrote = materialise_seeds(instance, data, folder, ["mixed"],  # skip mode, a loose gate
+                              gates={"seed_max_reject_rate": 0.5})
+    assert wrote.success
     assert materialise_seeds(instance, data, folder, ["good"]).success
     before = {p: p.read_bytes() for p in data.rglob("*.parquet")}
 
     result = materialise_seeds(instance, data, folder, ["mixed"], on_bad_line="fail")
     assert not result.success
     error = result.get_step_failure_events()[0].step_failure_data.error.to_string()
-    assert "SeedError" in error and "mixed.jsonl: 2 malformed line(s)" in error
+    assert "1 of 1 shard(s) failed" in error and "mixed.jsonl: 2 malformed line(s)" in error
+    assert "on_bad_line='fail'" in error
     assert "mixed.jsonl:2: " in error and "mixed.jsonl:3: " in error
     after = {p: p.read_bytes() for p in data.rglob("*.parquet")}
     assert after == before  # the earlier output of every shard is intact
     assert not list(data.rglob(".*tmp*"))  # and no partial file was left
+
+
+def run_materialisations(instance, run_id: str, asset: str) -> dict[str, dict]:
+    """{partition: metadata} of the materialisations of `asset` that run `run_id` recorded."""
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
+    return {r.partition_key: {k: v.value for k, v in r.asset_materialization.metadata.items()}
+            for r in records if r.run_id == run_id}
+
+
+@pytest.mark.parametrize("damage", ["malformed lines, on_bad_line=fail", "file gone"])
+def test_one_bad_shard_of_four_in_a_run_fails_alone(tmp_path: Path, instance, damage):
+    folder, data = tmp_path / "seeds", tmp_path / "data"
+    keys = ["shard-a", "shard-b", "shard-c", "shard-d"]
+    for i, key in enumerate(keys):
+        write_jsonl(folder / f"{key}.jsonl", coco_captions(3, offset=3 * i))
+    instance.add_dynamic_partitions("seed_shards", keys)  # in this order: a range covers all four
+    assert materialise_seeds(instance, data, folder, ["shard-c"]).success
+    before = (data / "caption_seeds" / "shard-c.parquet").read_bytes()
+    if damage == "file gone":
+        (folder / "shard-c.jsonl").unlink()
+        options, why = {}, "no seed file for shard 'shard-c'"
+    else:
+        with open(folder / "shard-c.jsonl", "ab") as handle:
+            handle.write(b"{not json\n")
+        options, why = {"on_bad_line": "fail"}, f"{folder / 'shard-c.jsonl'}: 1 malformed line(s)"
+
+    result = materialise_seeds(instance, data, folder, keys, **options)  # one run, four shards
+    # the run fails, and its failure names the bad shard, why, and what became of the others
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    error = failure.step_failure_data.error.message
+    assert "1 of 4 shard(s) failed; what of them is not stored keeps its earlier data" in error
+    assert f"- shard-c: {why}" in error
+    assert "The other 3 (shard-a, shard-b, shard-d) were stored" in error
+    assert failure.step_failure_data.user_failure_data.metadata["stored_shards"].value == \
+        ["shard-a", "shard-b", "shard-d"]
+    # the three healthy shards are stored as a run of them alone would store them ...
+    for key in ("shard-a", "shard-b", "shard-d"):
+        alone = read_shard(SeedSource(location=str(folder)), key)
+        assert pl.read_parquet(data / "caption_seeds" / f"{key}.parquet").equals(alone.seeds)
+        assert pl.read_parquet(data / "caption_seed_rejects" / f"{key}.parquet").height == 0
+    # ... and recorded as materialised, each with its own figures; the bad shard is not
+    for asset in ("caption_seeds", "caption_seed_rejects"):
+        meta = run_materialisations(instance, result.run_id, asset)
+        assert set(meta) == {"shard-a", "shard-b", "shard-d"}
+        assert meta["shard-a"]["shards_in_run"] == 4
+        assert meta["shard-b"]["path"] == str(data / asset / "shard-b.parquet")
+    seeds_meta = run_materialisations(instance, result.run_id, "caption_seeds")
+    assert {k: m["dagster/row_count"] for k, m in seeds_meta.items()} == \
+        {"shard-a": 3, "shard-b": 3, "shard-d": 3}
+    # with the code version a normal materialisation has, so the nightly run sees them fresh
+    record = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("caption_seeds"), asset_partitions=["shard-b"]),
+        limit=1).records[0]
+    assert record.run_id == result.run_id
+    assert record.asset_materialization.tags["dagster/code_version"] == result.run_id
+    # the bad shard keeps what it had
+    assert (data / "caption_seeds" / "shard-c.parquet").read_bytes() == before
