@@ -480,6 +480,44 @@ def catalog() -> None:
     typer.echo(f"{io.catalog().path}: {len(names)} view(s): {', '.join(names)}")
 
 
+@app.command()
+def sql(query: str = typer.Argument(..., help="a DuckDB query over the catalog's views, e.g. "
+                                    "\"select shard, count(*) from expanded_captions group by 1\""),
+        limit: int = typer.Option(100, min=0, help="print at most this many rows (0: all)")
+        ) -> None:
+    """Query the DuckDB catalog (one view per asset) read-only and print the result as a table."""
+    import duckdb
+    from rich.console import Console
+    from rich.table import Table
+
+    catalog = _defs().resources["io_manager"].catalog()
+    if not Path(catalog.path).exists():
+        typer.secho(f"no catalog at {catalog.path}: materialise something first (`unicorn demo`) "
+                    "or build it from the files with `unicorn catalog`", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
+    try:
+        with catalog.connect(read_only=True) as con:
+            cursor = con.execute(query)
+            columns = [d[0] for d in cursor.description or []]
+            rows = cursor.fetchmany(limit) if limit else cursor.fetchall()
+            more = bool(limit) and cursor.fetchone() is not None
+    except duckdb.Error as err:
+        message = str(err).splitlines()[0]
+        hint = (" (another process holds the catalog for writing: wait for it, or close it)"
+                if "lock" in message.lower() else
+                "; the views: unicorn sql \"select view_name from duckdb_views() where not "
+                "internal\"")
+        typer.secho(f"{message}{hint}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    console = Console()
+    console.print(table)
+    console.print(f"{len(rows)} row(s)" + (f" shown (--limit {limit}); more exist" if more else ""))
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The LLM response cache of the profile.")
 app.add_typer(cache_app, name="cache")
 
