@@ -139,6 +139,8 @@ class RunOutput:
         return not self.verbose and self.out.isatty()
 
     def start(self, label: str, steps: list[str]):
+        if not self.verbose:
+            self._log_file()  # its path is printed before any progress bar
         if self._live():
             if self._progress is None:
                 from rich.console import Console
