@@ -7,10 +7,17 @@ The Dagster CLI cannot create dynamic partitions; this can. Runs land in DAGSTER
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Unicorn: text-only VLM training data, as Dagster assets.")
@@ -26,6 +33,10 @@ def _instance():
         home = str(Path(".dagster_home").resolve())
         os.environ["DAGSTER_HOME"] = home
     Path(home).mkdir(parents=True, exist_ok=True)
+    config = Path(home) / "dagster.yaml"
+    if not config.exists():  # else Dagster warns on every command that it uses the defaults
+        config.write_text("# Dagster instance settings (none: SQLite storage in this folder).\n"
+                          "# See https://docs.dagster.io/deployment/oss/dagster-yaml\n")
     instance = open_instance(home)
     for run, message in fail_dead_runs(instance):
         typer.secho(f"run {run.run_id} ({run.job_name}"
@@ -84,6 +95,153 @@ def register() -> None:
     typer.echo(f"{len(keys)} shard(s) registered: {', '.join(keys)}")
 
 
+class RunOutput:
+    """What a `unicorn` command shows while it runs jobs. Quiet (the default): one progress bar
+    per shard and job on a terminal (one line per finished stage otherwise), and the Dagster
+    event log (with everything else the run writes to stderr) goes to a file under
+    `<data dir>/logs/`. Verbose: the event log on the terminal, as Dagster prints it."""
+
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        self.log_path: Path | None = None
+        self.out = sys.stdout
+        self._progress = None
+
+    def _log_file(self) -> Path:
+        if self.log_path is None:
+            base = _defs().resources["io_manager"].base_uri
+            folder = (Path(base) if "://" not in base else Path(os.environ["DAGSTER_HOME"]))
+            self.log_path = (folder / "logs" / f"unicorn-{time.strftime('%Y%m%d-%H%M%S')}"
+                             f"-{os.getpid()}.log").resolve()
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            typer.echo(f"event log: {self.log_path} (--verbose shows it here)")
+        return self.log_path
+
+    @contextmanager
+    def run_logs(self) -> Iterator[None]:
+        """Send what the run writes to stderr (fd 2: Dagster's console log, library warnings,
+        native code) to the log file, unless verbose."""
+        if self.verbose:
+            yield
+            return
+        with open(self._log_file(), "a", buffering=1) as log:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+
+    def _live(self) -> bool:
+        return not self.verbose and self.out.isatty()
+
+    def start(self, label: str, steps: list[str]):
+        if not self.verbose:
+            self._log_file()  # its path is printed before any progress bar
+        if self._live():
+            if self._progress is None:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+
+                self._progress = Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(file=self.out),
+                    redirect_stdout=False, redirect_stderr=False)
+                self._progress.start()
+            return self._progress.add_task(f"{label}: starting", total=len(steps), label=label)
+        return {"label": label, "started": {}, "stages": set()}
+
+    def event(self, task, event: dg.DagsterEvent) -> None:
+        """Advance the bar of `task` by a finished step; without a bar, print a line for each
+        finished stage (a step that materialised an asset) and each failed step."""
+        kind, step = event.event_type_value, event.step_key
+        if self._progress is not None:
+            label = self._progress.tasks[task].fields["label"]
+            if kind == "STEP_START":
+                self._progress.update(task, description=f"{label}: {step}")
+            elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED"):
+                self._progress.update(task, advance=1)
+            return
+        if kind == "STEP_START":
+            task["started"][step] = time.perf_counter()
+        elif kind == "ASSET_MATERIALIZATION":
+            task["stages"].add(step)
+        elif kind in ("STEP_SUCCESS", "STEP_FAILURE") and (
+                step in task["stages"] or kind == "STEP_FAILURE"):
+            seconds = time.perf_counter() - task["started"].get(step, time.perf_counter())
+            status = "ok" if kind == "STEP_SUCCESS" else "FAILED"
+            self.out.write(f"  {task['label']:<24} {step:<28} {status:<6} {seconds:6.1f}s\n")
+            self.out.flush()
+
+    def finish(self, task, ok: bool, checks_failed: int) -> None:
+        status = ("ok" if ok else "FAILED") + (f", {checks_failed} check(s) failed"
+                                               if checks_failed else "")
+        if self._progress is not None:
+            label = self._progress.tasks[task].fields["label"]
+            self._progress.update(task, description=f"{label}: {status}")
+        else:
+            self.out.write(f"  {task['label']:<24} {'(run)':<28} {status}\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+OUTPUT = RunOutput()
+VERBOSE = typer.Option(False, "--verbose", "-v", help="print the Dagster event log here instead "
+                       "of to <data dir>/logs/unicorn-<time>.log")
+
+
+def execute_job(instance: dg.DagsterInstance, job_def: dg.JobDefinition,
+                partition_key: str | None = None) -> dict:
+    """Run `job_def` in this process as a run of the `unicorn` code location (so the UI can
+    re-execute it and shows it on its timeline), tagged with this process (dead-run detection).
+    Returns run_id, success, seconds, failed_checks, errors (one line per failed step) and
+    events (the run's Dagster events)."""
+    import dagster as dg
+
+    from dagster_project.dagster_internal import create_located_run, execute_located_run
+
+    started = time.perf_counter()
+    run, recon_job, steps = create_located_run(instance, job_def, _run_tags(), partition_key)
+    label = f"{partition_key} {job_def.name}" if partition_key else job_def.name
+    task = OUTPUT.start(label, steps)
+    events = []
+    with OUTPUT.run_logs():
+        for event in execute_located_run(instance, run, recon_job):
+            events.append(event)
+            OUTPUT.event(task, event)
+    final = instance.get_run_by_id(run.run_id)
+    success = final is not None and final.status == dg.DagsterRunStatus.SUCCESS
+    failed_checks = _failed_checks(events)
+    OUTPUT.finish(task, success, len(failed_checks))
+    errors = [f"{e.step_key}: {e.step_failure_data.error.message.strip().splitlines()[0]}"
+              for e in events if e.event_type_value == "STEP_FAILURE"
+              and e.step_failure_data.error is not None]
+    return {"run_id": run.run_id, "success": success, "seconds": time.perf_counter() - started,
+            "failed_checks": failed_checks, "errors": errors, "events": events}
+
+
+def _report_errors(label: str, outcome: dict) -> None:
+    for error in outcome["errors"]:
+        typer.secho(f"{label}: {error}", fg=typer.colors.RED, err=True)
+    if not outcome["success"]:
+        where = f" (event log: {OUTPUT.log_path})" if OUTPUT.log_path else ""
+        typer.secho(f"{label}: run {outcome['run_id']} FAILED{where}", fg=typer.colors.RED,
+                    err=True)
+
+
 def run_shards(keys: list[str] | None = None, job: str = "unicorn_shard_job") -> dict:
     """Register the shards and run `job` once per shard; returns a summary dict."""
     instance, defs = _instance(), _defs()
@@ -94,38 +252,44 @@ def run_shards(keys: list[str] | None = None, job: str = "unicorn_shard_job") ->
         raise typer.BadParameter(f"no seed file for shard(s) {unknown}; known: {registered}")
     job_def = defs.resolve_job_def(job)
     runs = {}
-    for key in keys:
-        started = time.perf_counter()
-        result = job_def.execute_in_process(instance=instance, partition_key=key,
-                                            raise_on_error=False, tags=_run_tags())
-        runs[key] = {"run_id": result.run_id, "success": result.success,
-                     "seconds": time.perf_counter() - started,
-                     "failed_checks": _failed_checks(result)}
+    try:
+        for key in keys:
+            runs[key] = execute_job(instance, job_def, key)
+    finally:
+        OUTPUT.close()
+    for key, run in runs.items():
+        _report_errors(f"shard {key}", run)
     return {"instance": os.environ["DAGSTER_HOME"], "runs": runs}
 
 
-def _failed_checks(result) -> list[str]:
+def _failed_checks(events: list[dg.DagsterEvent]) -> list[str]:
     return [f"{e.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string()}:"
             f"{e.asset_check_evaluation_data.asset_check_key.name}"
-            for e in result.all_events
+            for e in events
             if e.event_type_value == "ASSET_CHECK_EVALUATION"
             and not e.asset_check_evaluation_data.passed]
 
 
+def _materializations(events: list[dg.DagsterEvent]) -> dict[str, dict]:
+    """{asset key: its metadata values} of the materialisations among `events`."""
+    out = {}
+    for event in events:
+        if event.event_type_value == "ASSET_MATERIALIZATION":
+            materialization = event.step_materialization_data.materialization
+            out[materialization.asset_key.to_user_string()] = {
+                k: v.value for k, v in materialization.metadata.items()}
+    return out
+
+
 def run_corpus(job: str = "unicorn_corpus_job") -> dict:
     """Run the corpus-wide job (statistics, transfer, exports) over every shard."""
-    started = time.perf_counter()
-    result = _defs().resolve_job_def(job).execute_in_process(instance=_instance(),
-                                                             raise_on_error=False,
-                                                             tags=_run_tags())
-    metadata = {}
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        metadata[materialization.asset_key.to_user_string()] = {
-            k: v.value for k, v in materialization.metadata.items()}
-    return {"run_id": result.run_id, "success": result.success,
-            "seconds": time.perf_counter() - started, "failed_checks": _failed_checks(result),
-            "assets": metadata}
+    instance, defs = _instance(), _defs()
+    try:
+        outcome = execute_job(instance, defs.resolve_job_def(job))
+    finally:
+        OUTPUT.close()
+    _report_errors(job, outcome)
+    return {**outcome, "assets": _materializations(outcome["events"])}
 
 
 def summarise_corpus(corpus: dict) -> str:
@@ -213,9 +377,11 @@ def run_all(shards: list[str] | None = None, job: str = "unicorn_shard_job",
 def materialize(shard: list[str] = typer.Option(None, help="shard key(s); default: all"),
                 job: str = typer.Option("unicorn_shard_job", help="the job to run per shard"),
                 corpus: bool = typer.Option(False, help="then run unicorn_corpus_job (statistics, "
-                                            "transfer, exports) over every shard")) -> None:
+                                            "transfer, exports) over every shard"),
+                verbose: bool = VERBOSE) -> None:
     """Register the shards and materialise the per-shard pipeline for each (with --corpus, then
     the corpus-wide statistics, transfer and exports)."""
+    OUTPUT.verbose = verbose
     started = time.perf_counter()
     ok = run_all(shard, job, corpus)
     typer.echo(f"wall time: {time.perf_counter() - started:.1f}s")
@@ -224,8 +390,9 @@ def materialize(shard: list[str] = typer.Option(None, help="shard key(s); defaul
 
 
 @app.command()
-def demo() -> None:
+def demo(verbose: bool = VERBOSE) -> None:
     """Run the bundled seeds through the pipeline with the offline models, then summarise."""
+    OUTPUT.verbose = verbose
     started = time.perf_counter()
     defs = _defs()
     res = defs.resources
@@ -237,8 +404,11 @@ def demo() -> None:
                "for a pipeline run only; set clip.pretrained for real weights"))
     ok = run_all()
     base = Path(res["io_manager"].base_uri).resolve()
-    typer.echo(f"results: {base} (Parquet), catalog: {base / 'catalog.duckdb'}")
+    typer.echo(f"results: {base} (Parquet), catalog: {base / 'catalog.duckdb'} (query it: "
+               "unicorn sql \"select shard, count(*) from expanded_captions group by 1\")")
     typer.echo(f"runs: DAGSTER_HOME={os.environ['DAGSTER_HOME']} (see them with `dagster dev`)")
+    if OUTPUT.log_path:
+        typer.echo(f"event log: {OUTPUT.log_path}")
     typer.echo(f"wall time: {time.perf_counter() - started:.1f}s")
     if not ok:
         raise typer.Exit(1)
@@ -312,6 +482,44 @@ def catalog() -> None:
     typer.echo(f"{io.catalog().path}: {len(names)} view(s): {', '.join(names)}")
 
 
+@app.command()
+def sql(query: str = typer.Argument(..., help="a DuckDB query over the catalog's views, e.g. "
+                                    "\"select shard, count(*) from expanded_captions group by 1\""),
+        limit: int = typer.Option(100, min=0, help="print at most this many rows (0: all)")
+        ) -> None:
+    """Query the DuckDB catalog (one view per asset) read-only and print the result as a table."""
+    import duckdb
+    from rich.console import Console
+    from rich.table import Table
+
+    catalog = _defs().resources["io_manager"].catalog()
+    if not Path(catalog.path).exists():
+        typer.secho(f"no catalog at {catalog.path}: materialise something first (`unicorn demo`) "
+                    "or build it from the files with `unicorn catalog`", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
+    try:
+        with catalog.connect(read_only=True) as con:
+            cursor = con.execute(query)
+            columns = [d[0] for d in cursor.description or []]
+            rows = cursor.fetchmany(limit) if limit else cursor.fetchall()
+            more = bool(limit) and cursor.fetchone() is not None
+    except duckdb.Error as err:
+        message = str(err).splitlines()[0]
+        hint = (" (another process holds the catalog for writing: wait for it, or close it)"
+                if "lock" in message.lower() else
+                "; the views: unicorn sql \"select view_name from duckdb_views() where not "
+                "internal\"")
+        typer.secho(f"{message}{hint}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    console = Console()
+    console.print(table)
+    console.print(f"{len(rows)} row(s)" + (f" shown (--limit {limit}); more exist" if more else ""))
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The LLM response cache of the profile.")
 app.add_typer(cache_app, name="cache")
 
@@ -339,12 +547,13 @@ def _written(io, asset: str, key: str | None = None) -> bool:
 
 
 @app.command()
-def synthvlm(shard: list[str] = typer.Option(None, help="shard key(s) to render; default: all")
-             ) -> None:
+def synthvlm(shard: list[str] = typer.Option(None, help="shard key(s) to render; default: all"),
+             verbose: bool = VERBOSE) -> None:
     """SynthVLM branch: Stage 1 for shards that lack captions, then per shard synthvlm_job (choose
     captions, render with SDXL, score), then synthvlm_corpus_job (select, export LLaVA data)."""
     import polars as pl
 
+    OUTPUT.verbose = verbose
     started = time.perf_counter()
     defs = _defs()
     if "synthvlm_job" not in {job.name for job in defs.resolve_all_job_defs()}:
@@ -378,17 +587,20 @@ def synthvlm(shard: list[str] = typer.Option(None, help="shard key(s) to render;
         typer.secho(f"selection skipped: shard(s) {unscored} have no image_scores yet; the "
                     "selection spans every shard", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(1)
-    corpus = defs.get_job_def("synthvlm_corpus_job").execute_in_process(
-        instance=instance, raise_on_error=False, tags=_run_tags())
-    ok = ok and corpus.success
+    try:
+        corpus = execute_job(instance, defs.get_job_def("synthvlm_corpus_job"))
+    finally:
+        OUTPUT.close()
+    _report_errors("synthvlm_corpus_job", corpus)
+    ok = ok and corpus["success"]
     if _written(io, "synthvlm_selection"):
         chosen = pl.read_parquet(io.uri("synthvlm_selection"))
         typer.echo(f"selected {int(chosen['selected'].sum())} of "
                    f"{int(chosen['best_of_n'].sum())} captions ({chosen.height} images)")
-    for materialization in corpus.asset_materializations_for_node("synthvlm_dataset"):
-        meta = materialization.metadata
-        typer.echo(f"export: {meta['export_dir'].value} ({meta['dagster/row_count'].value} "
-                   "records, manifest.json)")
+    meta = _materializations(corpus["events"]).get("synthvlm_dataset")
+    if meta:
+        typer.echo(f"export: {meta['export_dir']} ({meta['dagster/row_count']} records, "
+                   "manifest.json)")
     typer.echo(f"wall time: {time.perf_counter() - started:.1f}s")
     if not ok:
         raise typer.Exit(1)

@@ -404,7 +404,12 @@ GIVE_UP_MEMORY = 60.0
 
 class Catalog:
     """A DuckDB file of views over the Parquet files, so the data can be queried without Dagster:
-    `duckdb data/catalog.duckdb -c "select count(*) from expanded_captions"`.
+    `unicorn sql "select count(*) from expanded_captions"`.
+
+    The views name their files relative to the catalog's folder, so the catalog keeps working
+    when the data folder moves. DuckDB resolves a relative path against the current directory
+    unless `file_search_path` names the folder: `connect()` sets it (so does `unicorn sql`); a
+    DuckDB shell started in the catalog's folder needs nothing.
 
     Another process holding the file (a DuckDB shell, a notebook: DuckDB locks the file while it is
     open) makes a refresh wait, with backoff, up to `wait_seconds`. If it is still locked then, the
@@ -414,6 +419,22 @@ class Catalog:
     def __init__(self, path: str, wait_seconds: float = 15.0):
         self.path = path
         self.wait_seconds = wait_seconds
+
+    @property
+    def folder(self) -> str:
+        return str(Path(self.path).resolve().parent)
+
+    def connect(self, read_only: bool = True):
+        """A DuckDB connection to the catalog whose views find their files from anywhere."""
+        import duckdb
+
+        con = duckdb.connect(self.path, read_only=read_only)
+        con.execute(f"set file_search_path = {_literal(self.folder)}")
+        return con
+
+    def _relative(self, glob: str) -> str:
+        """`glob` (absolute) as the view names it: relative to the catalog's folder."""
+        return os.path.relpath(glob, self.folder)
 
     @property
     def pending_dir(self) -> Path:
@@ -471,7 +492,6 @@ class Catalog:
                 delay = min(delay * 2, 2.0)
 
     def _refresh(self, views: dict[str, str], columns: Collection[str] | None) -> bool:
-        import duckdb
 
         pending = {}
         for name, glob in self._pending().items():
@@ -484,13 +504,14 @@ class Catalog:
             if self._view_matches(name, glob, set(columns)):
                 return False
         todo = {**pending, **views}
-        with duckdb.connect(self.path) as con:
+        with self.connect(read_only=False) as con:
             # One transaction: a failure part-way leaves every view as it was, none dropped.
             con.execute("begin transaction")
             try:
                 for name, glob in todo.items():
                     con.execute(f"create or replace view {_ident(name)} as select * from "
-                                f"read_parquet({_literal(glob)}, union_by_name = true)")
+                                f"read_parquet({_literal(self._relative(glob))}, "
+                                "union_by_name = true)")
                 con.execute("commit")
             except BaseException:
                 con.execute("rollback")
@@ -529,14 +550,13 @@ class Catalog:
             pass
 
     def _view_matches(self, name: str, glob: str, columns: set[str]) -> bool:
-        import duckdb
 
         if not Path(self.path).exists():
             return False
-        with duckdb.connect(self.path, read_only=True) as con:  # readers may share it
+        with self.connect() as con:  # readers may share it
             view = con.execute("select sql from duckdb_views() where view_name = ? and "
                                "schema_name = 'main'", [name]).fetchone()
-            if view is None or _literal(glob) not in view[0]:
+            if view is None or _literal(self._relative(glob)) not in view[0]:
                 return False
             found = con.execute("select column_name from duckdb_columns() where table_name = ? "
                                 "and schema_name = 'main'", [name]).fetchall()

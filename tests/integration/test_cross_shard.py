@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import polars as pl
 
 from dagster_project.automation import NightlySettings, build_nightly_schedule
@@ -251,7 +250,7 @@ def rows_by_shard(context: dg.AssetExecutionContext) -> dict[str, pl.DataFrame]:
 
 
 def view_sql(catalog: Path) -> str:
-    with duckdb.connect(str(catalog), read_only=True) as con:
+    with Catalog(str(catalog)).connect() as con:
         return con.execute("select sql from duckdb_views() where view_name = 'rows_by_shard'"
                            ).fetchone()[0]
 
@@ -266,30 +265,30 @@ def test_the_view_is_recreated_only_when_the_columns_change(tmp_path: Path, inst
             "io_manager": ParquetIOManager(base_uri=str(data))}).success
 
     write("a", "caption")
-    glob = f"{data.resolve()}/rows_by_shard/*.parquet"
+    glob = "rows_by_shard/*.parquet"  # the views name their files relative to the catalog
     # mark the view: a re-create would turn it back into `select *`
-    with duckdb.connect(str(catalog)) as con:
+    with Catalog(str(catalog)).connect(read_only=False) as con:
         con.execute("create or replace view rows_by_shard as select caption, shard from "
                     f"read_parquet('{glob}', union_by_name = true)")
     write("b", "caption")  # same columns: the view is left alone, and still sees the new file
     assert "select caption, shard" in view_sql(catalog).lower()
-    with duckdb.connect(str(catalog), read_only=True) as con:
+    with Catalog(str(catalog)).connect() as con:
         assert con.execute("select shard from rows_by_shard order by 1").fetchall() == [
             ("a-shard",), ("b-shard",)]
 
     write("c", "caption", "style")  # a new column: re-created over every file
     assert "select *" in view_sql(catalog).lower()
-    with duckdb.connect(str(catalog), read_only=True) as con:
+    with Catalog(str(catalog)).connect() as con:
         assert con.execute("select shard, style from rows_by_shard order by 1").fetchall() == [
             ("a-shard", None), ("b-shard", None), ("c-shard", "c-style")]
 
-    with duckdb.connect(str(catalog)) as con:
+    with Catalog(str(catalog)).connect(read_only=False) as con:
         con.execute("create or replace view rows_by_shard as select caption, shard, style from "
                     f"read_parquet('{glob}', union_by_name = true)")
     write("d", "style")  # a column fewer is other columns too
     assert "select *" in view_sql(catalog).lower()
 
-    with duckdb.connect(str(catalog)) as con:
+    with Catalog(str(catalog)).connect(read_only=False) as con:
         con.execute("create or replace view rows_by_shard as select caption, shard, style from "
                     f"read_parquet('{glob}', union_by_name = true)")
     assert ParquetIOManager(base_uri=str(data)).rebuild_catalog() == ["rows_by_shard"]

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import polars as pl
 import pytest
 
@@ -32,7 +31,7 @@ from unicorn_resources.keys import (
     key_problem,
     shard_key_for,
 )
-from unicorn_resources.storage import ParquetIOManager
+from unicorn_resources.storage import Catalog, ParquetIOManager
 
 HOSTILE = ["../../outside/pwn", "../caption_seeds/real", "/etc/x", "nl\n"]
 
@@ -243,7 +242,7 @@ def test_the_catalog_makes_views_of_safe_names_only(tmp_path: Path):
         frame.write_parquet(path)
     io = ParquetIOManager(base_uri=str(data))
     assert io.rebuild_catalog() == ["corpus", "shard_rows"]
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(data / "catalog.duckdb")).connect() as con:
         views = {row[0] for row in con.execute("select view_name from duckdb_views() "
                                                "where not internal").fetchall()}
         assert views == {"corpus", "shard_rows"}

@@ -97,7 +97,7 @@ def test_rematerialising_a_partition_replaces_it(tmp_path: Path, instance):
     assert meta["path"].value == str(data / "shard_rows" / "a.parquet")
 
     # the DuckDB catalog shows each partition once, read without Dagster
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(data / "catalog.duckdb")).connect() as con:
         rows = con.execute("select shard, count(*) from shard_rows group by shard "
                            "order by shard").fetchall()
     assert rows == [("a", 5), ("b", 4)]
@@ -113,7 +113,7 @@ def test_an_unpartitioned_asset_scans_every_shard_lazily(tmp_path: Path, instanc
     assert result.success
     counts = pl.read_parquet(data / "corpus_count.parquet")
     assert counts.rows() == [("a", 2), ("b", 6)]
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(data / "catalog.duckdb")).connect() as con:
         assert con.execute("select sum(n) from corpus_count").fetchone() == (8,)
 
 
@@ -127,7 +127,7 @@ def test_the_catalog_can_be_rebuilt_from_the_files(tmp_path: Path, instance):
     (data / "catalog.duckdb").unlink()
     io = ParquetIOManager(base_uri=str(data))
     assert io.rebuild_catalog() == ["corpus_count", "shard_rows"]
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(data / "catalog.duckdb")).connect() as con:
         assert con.execute("select count(*) from shard_rows").fetchone() == (5,)
         assert con.execute("select count(*) from corpus_count").fetchone() == (2,)
     with pytest.raises(ValueError, match="local storage only"):
@@ -158,7 +158,7 @@ class CatalogHolder:
 
 
 def views(data: Path) -> dict[str, int]:
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(data / "catalog.duckdb")).connect() as con:
         names = [r[0] for r in con.execute("select view_name from duckdb_views() "
                                            "where not internal").fetchall()]
         return {n: con.execute(f'select count(*) from "{n}"').fetchone()[0] for n in names}
@@ -224,10 +224,25 @@ def test_a_pending_view_whose_files_are_gone_is_dropped(tmp_path: Path):
     catalog = Catalog(str(tmp_path / "catalog.duckdb"))
     catalog._add_pending("gone", f"{tmp_path}/gone/*.parquet")  # as a give-up leaves it
     assert catalog.refresh_view("a", f"{folder}/*.parquet", ["x"])
-    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(tmp_path / "catalog.duckdb")).connect() as con:
         assert [r[0] for r in con.execute("select view_name from duckdb_views() "
                                           "where not internal").fetchall()] == ["a"]
     assert not any(catalog.pending_dir.iterdir())
+
+
+def test_the_views_name_their_files_relative_to_the_catalog_so_the_folder_can_move(
+        tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    pl.DataFrame({"x": [1, 2]}).write_parquet(data / "a" / "one.parquet")
+    Catalog(str(data / "catalog.duckdb")).refresh_views({"a": f"{data}/a/*.parquet"})
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    data.rename(moved)
+    with Catalog(str(moved / "catalog.duckdb")).connect() as con:
+        assert con.execute("select count(*) from a").fetchone() == (2,)
+        (sql,) = con.execute("select sql from duckdb_views() where view_name = 'a'").fetchone()
+        assert str(tmp_path) not in sql
 
 
 def test_a_failed_catalog_refresh_leaves_every_view_as_it_was(tmp_path: Path):
@@ -238,9 +253,9 @@ def test_a_failed_catalog_refresh_leaves_every_view_as_it_was(tmp_path: Path):
     catalog.refresh_views({"a": f"{folder}/*.parquet"})
     with pytest.raises(duckdb.IOException, match="No files found"):  # b has no files yet
         catalog.refresh_views({"a": f"{folder}/one.parquet", "b": f"{tmp_path}/b/*.parquet"})
-    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(tmp_path / "catalog.duckdb")).connect() as con:
         (sql,) = con.execute("select sql from duckdb_views() where view_name = 'a'").fetchone()
-        assert f"{folder}/*.parquet" in sql  # not replaced: the transaction was rolled back
+        assert "'a/*.parquet'" in sql  # not replaced: the transaction was rolled back
         assert con.execute("select count(*) from a").fetchone() == (2,)
 
 
