@@ -193,14 +193,15 @@ def nightly_condition(settings: NightlySettings, corpus_wide: bool) -> dg.Automa
       or running, so that it never mixes old and new shards.
     Nothing that is itself running is requested again."""
     due = (outdated() | AC.any_deps_match(AC.will_be_requested())).with_label("due")
-    tonight = (AC.cron_tick_passed(settings.cron, settings.timezone) & due).since(
-        AC.newly_requested() | AC.newly_updated()).with_label(
-        f"due at the nightly tick ({settings.cron}, {settings.timezone})")
     if corpus_wide:
         blocked = AC.any_deps_match(outdated() | AC.will_be_requested() | AC.in_progress()
                                     ).with_label("a_shard_read_is_outdated_or_running")
     else:
         blocked = AC.any_deps_missing() | AC.any_deps_in_progress()
+    # Open at the tick for what is due or waits for an input; closed once requested or made.
+    tonight = (AC.cron_tick_passed(settings.cron, settings.timezone) & (due | blocked)).since(
+        AC.newly_requested() | AC.newly_updated()).with_label(
+        f"nightly tick ({settings.cron}, {settings.timezone}) passed, not handled since")
     return (tonight & due & ~blocked & ~AC.in_progress()).with_label("nightly_regeneration")
 
 
