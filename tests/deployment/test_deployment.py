@@ -233,6 +233,8 @@ def test_the_shipped_dagster_yaml_loads_on_postgres(postgres, tmp_path, monkeypa
         assert instance.run_monitoring_max_resume_run_attempts == 0
         assert 0 < instance.run_monitoring_start_timeout_seconds <= 600
         assert instance.run_monitoring_max_runtime_seconds > 0
+        # The daemon evaluates the nightly automation condition sensor
+        assert instance.auto_materialize_enabled and instance.auto_materialize_use_sensors
         instance.add_dynamic_partitions("seed_shards", ["shard-a"])
         assert instance.get_dynamic_partitions("seed_shards") == ["shard-a"]
 
