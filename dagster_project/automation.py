@@ -1,4 +1,4 @@
-"""Automation: the new-shard sensor, the nightly regeneration schedule, and the executor.
+"""Automation: the new-shard sensor, the nightly regeneration conditions, and the executor.
 
 Settings come from the profile's `automation:` and `execution:` sections (see profiles/*.yaml).
 """
@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dagster_project.staleness import find_stale, run_requests
-from unicorn_assets.partitions import SEED_SHARDS, SHARD_BACKFILL
+from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.keys import claim_keys, discover_shards
 from unicorn_resources.seed_source import SeedSource
 
@@ -41,6 +39,16 @@ class NightlySettings(_Settings):
     timezone: str = "UTC"
     # A Dagster asset-selection string; SynthVLM is off the nightly run.
     selection: str = 'not group:"synthvlm"'
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        try:
+            dg.AutomationCondition.cron_tick_passed(value)
+        except Exception as err:  # Dagster raises its own check error
+            raise ValueError(f"automation.nightly.cron {value!r} is not a cron schedule "
+                             "(five fields, e.g. '0 2 * * *')") from err
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -160,48 +168,78 @@ def build_new_shard_sensor(job: dg.UnresolvedAssetJobDefinition,
     return new_seed_shards
 
 
-# --- the nightly schedule ---------------------------------------------------------------------------
+# --- nightly regeneration: declarative automation conditions ------------------------------------
 
-def build_nightly_schedule(settings: NightlySettings,
-                           op_configs: Mapping[str, Mapping[str, Any]] | None = None
-                           ) -> dg.ScheduleDefinition:
-    """`op_configs` ({op name: config}, the profile's run_config) goes with the runs it asks for,
-    as it does with runs of the jobs."""
+AC = dg.AutomationCondition
+NIGHTLY_SENSOR = "nightly_regeneration"
+
+
+def outdated() -> dg.AutomationCondition:
+    """True for a partition (or a corpus-wide asset) that is missing, or was made before its code
+    version last changed (prompt, model, settings: see code_versions.py), or before a partition it
+    reads was materialised again (a changed seed file, a regenerated shard)."""
+    def since_made(condition: dg.AutomationCondition) -> dg.AutomationCondition:
+        return condition.since(AC.newly_updated())
+
+    return (AC.missing()
+            | since_made(AC.code_version_changed()).with_label("code_version_changed_since_made")
+            | since_made(AC.any_deps_match(AC.newly_updated())).with_label(
+                "an_input_updated_since_made")).with_label("missing_or_outdated")
+
+
+def nightly_condition(settings: NightlySettings, corpus_wide: bool) -> dg.AutomationCondition:
+    """What the nightly regeneration requests, at the cron tick or later the same night:
+    - a per-shard asset partition that is outdated, or whose input shard is requested with it
+      (the chain of one shard goes in one run), once no input is missing or running;
+    - a corpus-wide asset that is outdated, only once no shard it reads is outdated, requested
+      or running, so that it never mixes old and new shards.
+    Nothing that is itself running is requested again."""
+    due = (outdated() | AC.any_deps_match(AC.will_be_requested())).with_label("due")
+    if corpus_wide:
+        blocked = AC.any_deps_match(outdated() | AC.will_be_requested() | AC.in_progress()
+                                    ).with_label("a_shard_read_is_outdated_or_running")
+    else:
+        blocked = AC.any_deps_missing() | AC.any_deps_in_progress()
+    # Open at the tick for what is due or waits for an input; closed once requested or made.
+    tonight = (AC.cron_tick_passed(settings.cron, settings.timezone) & (due | blocked)).since(
+        AC.newly_requested() | AC.newly_updated()).with_label(
+        f"nightly tick ({settings.cron}, {settings.timezone}) passed, not handled since")
+    return (tonight & due & ~blocked & ~AC.in_progress()).with_label("nightly_regeneration")
+
+
+def with_nightly_conditions(assets: Sequence[Any], settings: NightlySettings) -> list[Any]:
+    """The assets, the nightly condition set on each executable asset in `settings.selection`
+    (per-shard or corpus-wide by its partitioning)."""
+    keys = nightly_selection(settings).resolve([a for a in assets
+                                                if isinstance(a, dg.AssetsDefinition)])
+    conditions = {wide: nightly_condition(settings, corpus_wide=wide) for wide in (False, True)}
+    out = []
+    for asset in assets:
+        if not isinstance(asset, dg.AssetsDefinition) or not asset.is_executable:
+            out.append(asset)
+            continue
+        out.extend(dg.map_asset_specs(lambda spec: spec.replace_attributes(
+            automation_condition=conditions[spec.partitions_def is None]
+        ) if spec.key in keys else spec, [asset]))
+    return out
+
+
+def nightly_selection(settings: NightlySettings) -> dg.AssetSelection:
     with warnings.catch_warnings():  # the string parser passes a beta parameter of Dagster's own
         warnings.simplefilter("ignore", dg.BetaWarning)
-        selection = dg.AssetSelection.from_string(settings.selection)
-
-    @dg.schedule(
-        name="nightly_regeneration", cron_schedule=settings.cron,
-        execution_timezone=settings.timezone, target=selection,
-        default_status=dg.DefaultScheduleStatus.RUNNING if settings.running
-        else dg.DefaultScheduleStatus.STOPPED,
-        description="Regenerates what is missing or stale (new shards, changed prompts or models, "
-        "a changed corpus mean): contiguous shards share a run; corpus-wide assets follow once "
-        f"their shards are fresh. Selection: {settings.selection}")
-    def nightly_regeneration(context: dg.ScheduleEvaluationContext):
-        return plan_nightly(context.instance, context.repository_def.asset_graph, selection,
-                            context.scheduled_execution_time, context.log, op_configs or {})
-
-    return nightly_regeneration
+        return dg.AssetSelection.from_string(settings.selection)
 
 
-def plan_nightly(instance: dg.DagsterInstance, graph: Any, selection: dg.AssetSelection,
-                 tick: datetime | None, log: Any, op_configs: Mapping[str, Mapping[str, Any]]
-                 ) -> list[dg.RunRequest] | dg.SkipReason:
-    shards = list(instance.get_dynamic_partitions(SEED_SHARDS))
-    stale = find_stale(instance, graph, selection.resolve(graph), shards)
-    for item in stale:
-        log.info(item.describe())
-
-    def run_config(keys: Sequence[dg.AssetKey]) -> dict:
-        ops = {graph.get(key).assets_def.op.name for key in keys}
-        return {"ops": {op: {"config": dict(op_configs[op])} for op in sorted(ops)
-                        if op in op_configs}}
-
-    requests = run_requests(stale, shards, SHARD_BACKFILL.max_partitions_per_run,
-                            f"nightly:{tick.isoformat() if tick else 'manual'}",
-                            {"unicorn/trigger": "nightly"}, run_config)
-    return requests or dg.SkipReason(
-        f"nothing stale over {len(shards)} shard(s)" if not stale
-        else f"{len(stale)} stale, all waiting for running or earlier regenerations")
+def build_nightly_sensor(settings: NightlySettings) -> dg.AutomationConditionSensorDefinition:
+    """Dagster's automation condition sensor over the nightly selection. The daemon evaluates it;
+    a tick that requests many shards of an asset submits a backfill (emit_backfills), so the
+    BackfillPolicy puts up to 8 shards in one run."""
+    return dg.AutomationConditionSensorDefinition(
+        NIGHTLY_SENSOR, target=nightly_selection(settings), emit_backfills=True,
+        run_tags={"unicorn/trigger": "nightly"},
+        default_status=dg.DefaultSensorStatus.RUNNING if settings.running
+        else dg.DefaultSensorStatus.STOPPED,
+        description="Nightly regeneration (automation conditions): at "
+        f"{settings.cron} ({settings.timezone}) requests what is missing or outdated (new "
+        "shards, changed seed files, prompts, models or settings); corpus-wide assets follow "
+        f"once no shard they read is outdated or running. Selection: {settings.selection}")

@@ -421,9 +421,8 @@ def submit_backfill(keys: list[str] | None = None, start: str | None = None,
     the UI's Materialize -> backfill does: the daemon runs it, several shards per run
     (BackfillPolicy). Returns (backfill id, shard keys, asset keys)."""
     import dagster as dg
-    from dagster._core.execution.backfill import PartitionBackfill
-    from dagster._core.utils import make_new_backfill_id
 
+    from dagster_project.dagster_internal import submit_asset_backfill
     from unicorn_assets.partitions import SEED_SHARDS
 
     instance, defs = _instance(), _defs()
@@ -443,13 +442,9 @@ def submit_backfill(keys: list[str] | None = None, start: str | None = None,
     graph = defs.resolve_asset_graph()
     assets = (dg.AssetSelection.from_string(select).resolve(graph) if select
               else defs.resolve_job_def(job).asset_layer.executable_asset_keys)
-    backfill_id = make_new_backfill_id()
-    instance.add_backfill(PartitionBackfill.from_asset_partitions(
-        backfill_id=backfill_id, asset_graph=graph, partition_names=keys,
-        asset_selection=sorted(assets, key=str), backfill_timestamp=time.time(),
-        tags={"unicorn/trigger": "cli_backfill"}, dynamic_partitions_store=instance,
-        all_partitions=False, title=f"unicorn backfill: {len(keys)} shard(s)", description=None,
-        run_config=None))
+    backfill_id = submit_asset_backfill(instance, graph, sorted(assets, key=str), keys,
+                                        {"unicorn/trigger": "cli_backfill"},
+                                        f"unicorn backfill: {len(keys)} shard(s)")
     return backfill_id, keys, sorted(k.to_user_string() for k in assets)
 
 

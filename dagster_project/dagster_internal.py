@@ -12,15 +12,25 @@ the public `dagster` package. Each private import is here for a reason no public
   (partition_loading_context, as execute_in_process does), creates the run with both origins (DagsterInstance.create_run_for_job)
   and executes it in this process (execute_run_iterator), which is what `dagster api execute_run`
   does in a launched run's process.
+- `unicorn backfill` submits an asset backfill to DAGSTER_HOME for the daemon to carry out,
+  as the UI's Materialize -> backfill does. Dagster 1.13 has no public API that submits a backfill
+  without a webserver: `DagsterInstance.add_backfill` takes a `PartitionBackfill`, which is private
+  (`dagster._core.execution.backfill`), and the public GraphQL client
+  (`dagster_graphql.DagsterGraphQLClient`) needs a running webserver, which the CLI does not have.
+  Replace each with a public call once Dagster offers one.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+from dagster._core.execution.backfill import PartitionBackfill
+from dagster._core.utils import make_new_backfill_id
 
 # The code location of workspace.yaml and pyproject's [tool.dagster] (a test keeps them equal).
 CODE_LOCATION_NAME = "unicorn"
@@ -87,3 +97,17 @@ def execute_located_run(instance: dg.DagsterInstance, run, recon_job
     from dagster._core.execution.api import execute_run_iterator
 
     yield from execute_run_iterator(recon_job, run, instance)
+
+
+def submit_asset_backfill(instance: dg.DagsterInstance, graph: Any,
+                          assets: Sequence[dg.AssetKey], partition_keys: Sequence[str],
+                          tags: Mapping[str, str], title: str) -> str:
+    """Submit a backfill of `assets` over `partition_keys` to `instance`; returns its id. The
+    daemon runs it, the assets' BackfillPolicy deciding how many partitions go in one run."""
+    backfill_id = make_new_backfill_id()
+    instance.add_backfill(PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id, asset_graph=graph, partition_names=list(partition_keys),
+        asset_selection=sorted(assets, key=str), backfill_timestamp=time.time(),
+        tags=dict(tags), dynamic_partitions_store=instance, all_partitions=False, title=title,
+        description=None, run_config=None))
+    return backfill_id

@@ -5,17 +5,18 @@ import dagster as dg
 from dagster_project.automation import (
     AutomationSettings,
     build_new_shard_sensor,
-    build_nightly_schedule,
+    build_nightly_sensor,
+    with_nightly_conditions,
 )
-from dagster_project.jobs import JOBS, SYNTHVLM_JOBS, unicorn_shard_job
+from dagster_project.code_versions import profile_op_config, with_recipe_versions
+from dagster_project.jobs import JOB_SPECS, SYNTHVLM_JOB_SPECS, build_jobs, unicorn_shard_job
 from dagster_project.profiles import (
     build_resources,
     check_run_config,
+    job_run_configs,
     load_profile,
     synthvlm_enabled,
-    with_run_config,
 )
-from dagster_project.staleness import profile_op_config, with_recipe_versions
 from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
 from unicorn_assets.expansion import expand_captions, stage1_checks
 from unicorn_assets.exports import export_asset_checks, export_assets
@@ -34,16 +35,18 @@ def build_definitions(profile_name: str | None = None) -> dg.Definitions:
     resources = build_resources(profile)
     automation = AutomationSettings.from_profile(profile)
     op_configs = profile_op_config(profile)
-    jobs = with_run_config(JOBS + (SYNTHVLM_JOBS if synthvlm else []), profile)
+    job_names = [spec["name"] for spec in JOB_SPECS + (SYNTHVLM_JOB_SPECS if synthvlm else [])]
+    jobs = build_jobs(job_run_configs(profile, job_names), synthvlm)
     shard_job = next(job for job in jobs if job.name == unicorn_shard_job.name)
+    assets = with_recipe_versions(ASSETS + (synthvlm_assets if synthvlm else []), resources,
+                                  op_configs)
     defs = dg.Definitions(
-        assets=with_recipe_versions(ASSETS + (synthvlm_assets if synthvlm else []), resources,
-                                    op_configs),
+        assets=with_nightly_conditions(assets, automation.nightly),
         asset_checks=ASSET_CHECKS + (synthvlm_checks if synthvlm else []),
         jobs=jobs,
         resources=resources,
-        sensors=[build_new_shard_sensor(shard_job, automation.new_shard_sensor)],
-        schedules=[build_nightly_schedule(automation.nightly, op_configs)],
+        sensors=[build_new_shard_sensor(shard_job, automation.new_shard_sensor),
+                 build_nightly_sensor(automation.nightly)],
         executor=automation.executor_def(),
     )
     check_run_config(defs, profile)

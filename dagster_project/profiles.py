@@ -14,7 +14,6 @@ from typing import Any
 
 import dagster as dg
 import yaml
-from dagster_shared.record import replace
 
 from dagster_project.profile_settings import (
     CLIP_BACKENDS,
@@ -145,12 +144,12 @@ def build_diffusion(section: dict[str, Any], path: str = "the profile") -> Diffu
     return build_checked(DIFFUSION_BACKENDS[backend], section, ("diffusion", backend), path)
 
 
-def with_run_config(jobs: list[Any], profile: dict[str, Any]) -> list[Any]:
-    """Each job with its default run config from the profile's `run_config.<job name>` (e.g.
-    small demo settings on a CPU): runs of the job without config of their own use it, and the
-    launchpad shows it, editable. Asset materialisations outside these jobs use the defaults."""
+def job_run_configs(profile: dict[str, Any], job_names: list[str]) -> dict[str, Any]:
+    """{job name: default run config} from the profile's `run_config.<job name>` (e.g. small demo
+    settings on a CPU), for `jobs.build_jobs`; a name that is not one of `job_names` is an error.
+    Asset materialisations outside these jobs use the defaults."""
     configs = profile.get("run_config") or {}
-    names = sorted(job.name for job in jobs)
+    names = sorted(job_names)
     unknown = sorted(set(configs) - set(names))
     if unknown:
         near = {n: difflib.get_close_matches(n, names, n=1) for n in unknown}
@@ -158,8 +157,7 @@ def with_run_config(jobs: list[Any], profile: dict[str, Any]) -> list[Any]:
                         for n, m in near.items() if m)
         raise ProfileError(f"{_where(profile)[0]}: run_config names unknown job(s) {unknown}"
                            f"{hints} (jobs: {', '.join(names)})")
-    # Dagster has no public way to set a defined asset job's config; `replace` rebuilds the record.
-    return [replace(job, config=configs[job.name]) if job.name in configs else job for job in jobs]
+    return dict(configs)
 
 
 def check_run_config(defs: dg.Definitions, profile: dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ import dagster as dg
 import jsonschema
 import pytest
 import yaml
-from dagster._core.definitions.timestamp import TimestampWithTimezone
 from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
 from dagster._core.remote_representation.code_location import GrpcServerCodeLocation
 
@@ -234,6 +233,8 @@ def test_the_shipped_dagster_yaml_loads_on_postgres(postgres, tmp_path, monkeypa
         assert instance.run_monitoring_max_resume_run_attempts == 0
         assert 0 < instance.run_monitoring_start_timeout_seconds <= 600
         assert instance.run_monitoring_max_runtime_seconds > 0
+        # The daemon evaluates the nightly automation condition sensor
+        assert instance.auto_materialize_enabled and instance.auto_materialize_use_sensors
         instance.add_dynamic_partitions("seed_shards", ["shard-a"])
         assert instance.get_dynamic_partitions("seed_shards") == ["shard-a"]
 
@@ -258,7 +259,7 @@ def test_a_broken_dagster_yaml_is_refused(postgres, tmp_path, monkeypatch):
 # --- the code location over gRPC --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_the_grpc_code_server_serves_the_sensor_schedule_and_jobs(instance, tmp_path):
+def test_the_grpc_code_server_serves_the_sensors_and_jobs(instance, tmp_path):
     port = free_port()
     env = {**os.environ, "UNICORN_PROFILE": "local", "UNICORN_DATA_DIR": str(tmp_path / "data"),
            "DAGSTER_HOME": str(tmp_path)}
@@ -279,17 +280,12 @@ def test_the_grpc_code_server_serves_the_sensor_schedule_and_jobs(instance, tmp_
                                               location_name="unicorn")
         with GrpcServerCodeLocation(origin=origin, instance=instance) as location:
             (repository,) = location.get_repositories().values()
-            assert {s.name for s in repository.get_sensors()} == {"new_seed_shards"}
-            (schedule,) = repository.get_schedules()
-            assert schedule.name == "nightly_regeneration"
-            assert schedule.cron_schedule == "0 2 * * *" and schedule.execution_timezone == "UTC"
+            assert {s.name for s in repository.get_sensors()} == {"new_seed_shards",
+                                                                  "nightly_regeneration"}
+            assert not repository.get_schedules()  # nightly: automation conditions, no schedule
             assert repository.has_job("unicorn_shard_job")
 
-            # One tick of each, evaluated by the server as the daemon has it done.
-            tick = location.get_schedule_execution_data(
-                instance, repository.handle, "nightly_regeneration",
-                TimestampWithTimezone(time.time(), "UTC"), None)
-            assert tick.run_requests == [] and "nothing stale over 0 shard(s)" in tick.skip_message
+            # One tick of the sensor, evaluated by the server as the daemon has it done.
             data = location.get_sensor_execution_data(
                 instance, repository.handle, "new_seed_shards", None, None, None, None, None)
             bundled = {"coco-val2017-a", "coco-val2017-b", "fine-grained-birds"}
@@ -343,6 +339,6 @@ def test_the_docker_profile_matches_the_compose_stack(monkeypatch):
     assert isinstance(io.s3.secret_access_key, dg.EnvVar)
     assert defs.resources["llm"].base_urls == ["http://llm:8000/v1"]
     assert defs.get_sensor_def("new_seed_shards").default_status == dg.DefaultSensorStatus.RUNNING
-    schedule = defs.get_schedule_def("nightly_regeneration")
-    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    nightly = next(s for s in defs.sensors if s.name == "nightly_regeneration")
+    assert nightly.default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.executor.name == "in_process"

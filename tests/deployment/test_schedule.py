@@ -1,26 +1,31 @@
-"""The nightly regeneration schedule on a real instance: its ticks are evaluated as the daemon does
-(evaluate_tick) and the runs they request are executed, until nothing is stale."""
+"""Nightly regeneration as Dagster automation conditions, on a real instance: each tick is evaluated
+with the public `dg.evaluate_automation_conditions` (the cursor carried from tick to tick, as the
+daemon's sensor does), and what it requests is materialised, until nothing is requested."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
-from datetime import UTC, datetime
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
-from dagster._core.test_utils import create_run_for_test
 
-from dagster_project.automation import AutomationSettings, NightlySettings, build_nightly_schedule
-from dagster_project.instance import PID_TAG, fail_dead_runs, run_tags
-from dagster_project.staleness import (
-    Stale,
-    profile_op_config,
-    run_requests,
-    with_recipe_versions,
+from dagster_project.automation import (
+    NIGHTLY_SENSOR,
+    AutomationSettings,
+    NightlySettings,
+    with_nightly_conditions,
 )
-from tests.support import coco_captions, make_resources, write_jsonl
+from dagster_project.code_versions import profile_op_config, with_recipe_versions
+from dagster_project.instance import fail_dead_runs, run_tags
+from tests.support import ROOT, coco_captions, make_resources, write_jsonl
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.instructions import make_instructions
@@ -30,7 +35,7 @@ from unicorn_resources.llm import FakeLLM
 SEEDS = {dg.AssetKey("caption_seeds"), dg.AssetKey("caption_seed_rejects")}
 STAGE1 = {dg.AssetKey("expanded_captions"), dg.AssetKey("expanded_caption_rejects")}
 CORPUS = dg.AssetKey("corpus_caption_count")
-TICK = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+HOURLY = NightlySettings(cron="0 * * * *", selection="*")  # a "night" every hour keeps tests short
 
 
 @dg.asset(description="test-only corpus-wide asset over every shard's captions")
@@ -46,169 +51,208 @@ class OtherFakeLLM(FakeLLM):
         return "fake:other"
 
 
-def nightly_defs(resources: dict) -> dg.Definitions:
-    return dg.Definitions(
-        assets=with_recipe_versions([read_caption_seeds, expand_captions, corpus_caption_count],
-                                    resources),
-        schedules=[build_nightly_schedule(NightlySettings(selection="*"))],
-        resources=resources, executor=dg.in_process_executor)
+class HangingLLM(FakeLLM):
+    """An LLM whose setup never ends: a run that uses it stays STARTED until its process dies."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        time.sleep(3600)
 
 
-def evaluate(defs: dg.Definitions, instance: dg.DagsterInstance):
-    schedule = defs.get_schedule_def("nightly_regeneration")
-    with dg.build_schedule_context(instance=instance, scheduled_execution_time=TICK,
-                                   repository_def=defs.get_repository_def()) as context:
-        return schedule.evaluate_tick(context)
+def nightly_defs(resources: dict, settings: NightlySettings = HOURLY) -> dg.Definitions:
+    assets = with_recipe_versions([read_caption_seeds, expand_captions, corpus_caption_count],
+                                  resources)
+    return dg.Definitions(assets=with_nightly_conditions(assets, settings),
+                          jobs=[dg.define_asset_job("everything", selection="*")],
+                          resources=resources, executor=dg.in_process_executor)
 
 
-def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> None:
-    job = defs.get_repository_def().get_job(defs.get_schedule_def("nightly_regeneration").job_name)
-    result = job.execute_in_process(instance=instance, partition_key=request.partition_key,
-                                    asset_selection=request.asset_selection, tags=request.tags,
-                                    run_config=request.run_config)
-    assert result.success
+class Nightly:
+    """Evaluates the conditions at times it chooses, carrying the cursor."""
 
+    def __init__(self, instance: dg.DagsterInstance):
+        self.instance = instance
+        self.cursor = None
+        self.now = datetime.now(UTC)
 
-def regenerate(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[list[dg.RunRequest]]:
-    """Tick and run until a tick finds nothing to do; the requests of every tick."""
-    ticks = []
-    for _ in range(5):
-        data = evaluate(defs, instance)
-        if not data.run_requests:
-            assert "nothing stale" in data.skip_message
-            return ticks
-        ticks.append(data.run_requests)
-        for request in data.run_requests:
-            execute(defs, instance, request)
-    raise AssertionError("regeneration did not settle")
+    def evaluate(self, defs: dg.Definitions, at_tick: bool = True
+                 ) -> dict[str | None, set[dg.AssetKey]]:
+        """{shard (None: corpus-wide): requested assets}, at the next hourly tick (just after
+        it), or a few minutes later without a tick passing."""
+        self.now = (self.now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1, minutes=1)
+                    if at_tick else self.now + timedelta(minutes=5))
+        result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance,
+                                                   cursor=self.cursor, evaluation_time=self.now)
+        self.cursor = result.cursor
+        requested: dict[str | None, set[dg.AssetKey]] = defaultdict(set)
+        for key in STAGE1 | SEEDS | {CORPUS}:
+            for partition in result.get_requested_partitions(key):
+                requested[partition].add(key)
+        return dict(requested)
 
+    def execute(self, defs: dg.Definitions, requested: dict[str | None, set[dg.AssetKey]]) -> None:
+        job = defs.resolve_job_def("everything")
+        for partition, keys in requested.items():
+            assert job.execute_in_process(instance=self.instance, partition_key=partition,
+                                          asset_selection=sorted(keys, key=str)).success
 
-def shards_of(request: dg.RunRequest) -> tuple[str, ...]:
-    if request.partition_key:
-        return (request.partition_key,)
-    return (request.tags["dagster/asset_partition_range_start"],
-            request.tags["dagster/asset_partition_range_end"])
+    def regenerate(self, defs: dg.Definitions) -> list[dict[str | None, set[dg.AssetKey]]]:
+        """Tick, run what is requested, tick again, until a tick requests nothing."""
+        ticks = []
+        for _ in range(5):
+            requested = self.evaluate(defs)
+            if not requested:
+                return ticks
+            ticks.append(requested)
+            self.execute(defs, requested)
+        raise AssertionError(f"regeneration did not settle: {ticks}")
 
 
 @pytest.fixture
 def fresh(instance, seed_dir, tmp_path):
-    """Two shards regenerated from nothing: (defs, resources, ticks)."""
+    """Two shards regenerated from nothing: (nightly, defs, resources, ticks)."""
     instance.add_dynamic_partitions(SEED_SHARDS, ["shard-a", "shard-b"])
     resources = make_resources(tmp_path / "data", seed_dir, llm=FakeLLM())
     defs = nightly_defs(resources)
-    return defs, resources, regenerate(defs, instance)
+    nightly = Nightly(instance)
+    assert nightly.evaluate(defs, at_tick=False) == {}  # first look: no tick passed yet
+    return nightly, defs, resources, nightly.regenerate(defs)
 
 
-def test_missing_shards_first_then_the_corpus_then_nothing(fresh, instance, tmp_path):
-    _, _, ticks = fresh
-    (shard_run,), (corpus_run,) = ticks
-    # Both shards share one run (a partition range), every per-shard asset in it.
-    assert shards_of(shard_run) == ("shard-a", "shard-b")
-    assert set(shard_run.asset_selection) == SEEDS | STAGE1
-    assert shard_run.tags["unicorn/trigger"] == "nightly"
-    # The corpus-wide asset waited for its shards, then came alone.
-    assert corpus_run.asset_selection == [CORPUS] and corpus_run.partition_key is None
+def test_new_shards_first_then_the_corpus_then_nothing(fresh, tmp_path):
+    nightly, defs, _, ticks = fresh
+    shards, corpus = ticks
+    # Every asset of both new shards at the tick; the corpus-wide asset waits for them.
+    assert shards == {"shard-a": SEEDS | STAGE1, "shard-b": SEEDS | STAGE1}
+    assert corpus == {None: {CORPUS}}
     count = pl.read_parquet(tmp_path / "data" / "corpus_caption_count.parquet")["captions"][0]
     captions = sum(pl.read_parquet(tmp_path / "data" / "expanded_captions" / f"{k}.parquet").height
                    for k in ("shard-a", "shard-b"))
     assert count == captions > 0
+    # A fresh state requests nothing, on later ticks too.
+    assert nightly.evaluate(defs) == {} and nightly.evaluate(defs) == {}
 
 
-def test_a_changed_model_regenerates_its_assets_and_what_follows(fresh, instance, seed_dir,
-                                                                 tmp_path):
-    _, resources, _ = fresh
+def test_a_new_shard_is_requested_at_the_next_tick_only(fresh, instance):
+    nightly, defs, _, _ = fresh
+    instance.add_dynamic_partitions(SEED_SHARDS, ["shard-c"])
+    assert nightly.evaluate(defs, at_tick=False) == {}  # regeneration waits for the tick
+    assert nightly.evaluate(defs) == {"shard-c": SEEDS | STAGE1}  # not the corpus yet
+
+
+def test_a_changed_model_marks_every_shard_and_the_corpus_follows(fresh, tmp_path):
+    nightly, _, resources, _ = fresh
     defs = nightly_defs({**resources, "llm": OtherFakeLLM(cache_path=resources["llm"].cache_path)})
-    data = evaluate(defs, instance)
-    (request,) = data.run_requests
-    assert set(request.asset_selection) == STAGE1  # the seeds are fresh
-    assert shards_of(request) == ("shard-a", "shard-b")
-    (_,), (corpus_run,) = regenerate(defs, instance)
-    assert corpus_run.asset_selection == [CORPUS]
+    assert nightly.evaluate(defs, at_tick=False) == {}  # the new code version is seen; no tick
+    shards, corpus = nightly.regenerate(defs)
+    assert shards == {"shard-a": STAGE1, "shard-b": STAGE1}  # the seeds are fresh
+    assert corpus == {None: {CORPUS}}
     written = pl.read_parquet(tmp_path / "data" / "expanded_captions" / "shard-a.parquet")
     assert set(written["model_id"]) == {"fake:other"}
 
 
-def test_new_seed_content_makes_only_its_shard_stale(fresh, instance, seed_dir):
-    defs, _, _ = fresh
-    job = defs.get_repository_def().get_job(defs.get_schedule_def("nightly_regeneration").job_name)
-    job.execute_in_process(instance=instance, partition_key="shard-b",
-                           asset_selection=sorted(SEEDS, key=str))
-    data = evaluate(defs, instance)
-    (request,) = data.run_requests
-    assert request.partition_key == "shard-b" and set(request.asset_selection) == STAGE1
-    ticks = regenerate(defs, instance)
-    assert [r.asset_selection for r in ticks[-1]] == [[CORPUS]]
+def test_new_seed_content_makes_only_its_shard_outdated(fresh, instance):
+    nightly, defs, _, _ = fresh
+    nightly.execute(defs, {"shard-b": SEEDS})  # e.g. a seed file run again by hand
+    shards, corpus = nightly.regenerate(defs)
+    assert shards == {"shard-b": STAGE1}
+    assert corpus == {None: {CORPUS}}
 
 
-def test_shards_with_a_run_in_flight_are_left_alone(fresh, instance):
-    defs, _, _ = fresh
+def test_the_corpus_waits_for_an_outdated_shard(fresh, instance):
+    nightly, defs, _, _ = fresh
+    nightly.execute(defs, {"shard-b": STAGE1})  # the corpus is outdated now ...
+    nightly.execute(defs, {"shard-a": SEEDS})  # ... but shard-a's Stage 1 is outdated too
+    assert nightly.evaluate(defs) == {"shard-a": STAGE1}
+    nightly.execute(defs, {"shard-a": STAGE1})
+    assert nightly.evaluate(defs, at_tick=False) == {None: {CORPUS}}  # the same night
+
+
+def hang_in_a_shard_run(home: str, data: str, seeds: str, shard: str) -> None:
+    """In a child process: a run of `shard` on the instance at `home` that never finishes."""
+    resources = make_resources(Path(data), seeds, llm=HangingLLM())
+    job = nightly_defs(resources).resolve_job_def("everything")
+    with dg.DagsterInstance.from_config(home) as instance:
+        job.execute_in_process(instance=instance, partition_key=shard, tags=run_tags(),
+                               asset_selection=sorted(SEEDS | STAGE1, key=str))
+
+
+def test_a_shard_run_in_progress_holds_back_the_corpus_until_its_dead_process_is_failed(
+        fresh, instance, seed_dir, tmp_path):
+    """A shard's run in progress holds back the corpus-wide asset. A `unicorn` command killed
+    mid-run leaves its run STARTED, holding it back for ever, until the next command marks the
+    run failed; then the shard is requested again, and the corpus after it."""
+    nightly, defs, _, _ = fresh
+    write_jsonl(seed_dir / "shard-c.jsonl", coco_captions(4, offset=8))
     instance.add_dynamic_partitions(SEED_SHARDS, ["shard-c"])
-    run = create_run_for_test(instance, job_name="unicorn_shard_job", tags={
-        "dagster/partition": "shard-c"}, status=dg.DagsterRunStatus.STARTED)
-    assert run.status == dg.DagsterRunStatus.STARTED
-    data = evaluate(defs, instance)
-    assert data.run_requests == []
-    assert "waiting" in data.skip_message  # the corpus waits for shard-c
+    child = subprocess.Popen(
+        [sys.executable, "-c", ("import sys; from tests.deployment.test_schedule import "
+         "hang_in_a_shard_run as hang; hang(*sys.argv[1:])"), instance.root_directory,
+         str(tmp_path / "data"), str(seed_dir), "shard-c"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (running := instance.get_runs(dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.STARTED]))):
+            assert child.poll() is None, "the run's process ended early"
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        assert nightly.evaluate(defs) == {}  # shard-c is running: neither it nor the corpus
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert nightly.evaluate(defs) == {}  # the dead run still reads as running
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+    assert [run.run_id for run, _ in fail_dead_runs(instance)] == [running[0].run_id]
+    assert nightly.evaluate(defs, at_tick=False) == {"shard-c": SEEDS | STAGE1}
+    nightly.execute(defs, {"shard-c": SEEDS | STAGE1})
+    assert nightly.evaluate(defs, at_tick=False) == {None: {CORPUS}}
 
 
-def test_a_corpus_run_whose_process_died_stops_holding_back_the_schedule(fresh, instance):
-    """A `unicorn` command killed mid-run leaves its run STARTED: the corpus waits for it for
-    ever, until the next command marks the run failed; then the corpus is requested again."""
-    defs, _, _ = fresh
-    job = defs.get_repository_def().get_job(defs.get_schedule_def("nightly_regeneration").job_name)
-    job.execute_in_process(instance=instance, partition_key="shard-b",
-                           asset_selection=sorted(STAGE1, key=str))  # the corpus is stale now
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    killed = create_run_for_test(instance, job_name="unicorn_corpus_job",
-                                 status=dg.DagsterRunStatus.STARTED,
-                                 tags={**run_tags(), PID_TAG: str(gone.pid)})
-    assert evaluate(defs, instance).run_requests == []  # the "running" corpus run holds it back
-
-    assert [run.run_id for run, _ in fail_dead_runs(instance)] == [killed.run_id]
-    (request,) = evaluate(defs, instance).run_requests
-    assert request.asset_selection == [CORPUS]
+def test_only_the_selection_gets_the_nightly_condition(tmp_path, seed_dir):
+    resources = make_resources(tmp_path / "data", seed_dir, llm=FakeLLM())
+    defs = nightly_defs(resources, NightlySettings(selection='key:"caption_seed*"'))
+    graph = defs.resolve_asset_graph()
+    conditions = {key.to_user_string(): graph.get(key).automation_condition
+                  for key in graph.get_all_asset_keys()}
+    assert conditions["caption_seeds"] is not None
+    assert conditions["expanded_captions"] is None and conditions["corpus_caption_count"] is None
 
 
-def test_due_work_is_grouped_into_contiguous_runs():
-    a, b = dg.AssetKey("a"), dg.AssetKey("b")
-    shards = ["s1", "s2", "s3", "s4", "s5", "s6"]
-    stale = [Stale(a, s, "missing", True) for s in ("s1", "s2", "s3", "s5", "s6")]
-    stale += [Stale(b, "s3", "missing", True), Stale(b, "s4", "missing", False),
-              Stale(b, None, "missing", True), Stale(a, None, "waits", False)]
-    requests = run_requests(stale, shards, max_shards_per_run=2, run_key_prefix="t", tags={})
-    # s1..s2 (a); s3 alone (a and b); s4 is not due; s5..s6 (a); then the corpus-wide b.
-    assert [shards_of(r) if r.partition_key or r.tags else None for r in requests] == [
-        ("s1", "s2"), ("s3",), ("s5", "s6"), None]
-    assert [set(r.asset_selection) for r in requests] == [{a}, {a, b}, {a}, {b}]
-    assert len({r.run_key for r in requests}) == 4
+def test_cron_time_zone_and_status_come_from_the_profile():
+    from dagster_project.automation import build_nightly_sensor
 
-
-def test_cron_and_time_zone_come_from_the_profile():
     settings = AutomationSettings.from_profile({"automation": {"nightly": {
         "cron": "30 3 * * 1-5", "timezone": "Europe/Berlin", "running": True}}})
-    schedule = build_nightly_schedule(settings.nightly)
-    assert schedule.cron_schedule == "30 3 * * 1-5"
-    assert schedule.execution_timezone == "Europe/Berlin"
-    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    sensor = build_nightly_sensor(settings.nightly)
+    assert sensor.name == NIGHTLY_SENSOR and sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    (asset,) = with_nightly_conditions([read_caption_seeds], settings.nightly)
+    condition = asset.automation_conditions_by_key[dg.AssetKey("caption_seeds")]
+    assert "(30 3 * * 1-5, Europe/Berlin)" in condition.children[0].get_label()
     with pytest.raises(ValueError, match="not an IANA time zone"):
         AutomationSettings.from_profile({"automation": {"nightly": {"timezone": "Mars/Olympus"}}})
-    with pytest.raises(Exception, match="cron"):
-        build_nightly_schedule(NightlySettings(cron="every night"))
+    with pytest.raises(ValueError, match="automation.nightly.cron 'every night' is not a cron"):
+        AutomationSettings.from_profile({"automation": {"nightly": {"cron": "every night"}}})
 
 
-def test_the_shipped_definitions_show_the_sensor_and_schedule():
+def test_the_shipped_definitions_show_both_sensors():
     from dagster_project.definitions import defs
 
-    schedule = defs.get_schedule_def("nightly_regeneration")
-    assert schedule.cron_schedule and schedule.execution_timezone
-    assert defs.get_sensor_def("new_seed_shards").job_name == "unicorn_shard_job"
+    sensors = {s.name: s for s in defs.sensors}
+    assert isinstance(sensors[NIGHTLY_SENSOR], dg.AutomationConditionSensorDefinition)
+    assert sensors["new_seed_shards"].job_name == "unicorn_shard_job"
     graph = defs.resolve_asset_graph()
-    versions = {graph.get(k).code_version for k in graph.get_all_asset_keys()}
-    assert None not in versions  # every asset carries its recipe version
+    nodes = [graph.get(k) for k in graph.get_all_asset_keys()]
+    assert None not in {n.code_version for n in nodes}  # every asset carries its recipe version
+    nightly = {n.key.to_user_string() for n in nodes if n.automation_condition is not None}
+    assert {"caption_seeds", "expanded_captions", "modality_statistics",
+            "pretrain_dataset"} <= nightly
+    assert not {k for k in nightly if k.startswith("synthvlm")}  # off the nightly selection
 
 
-def test_the_profile_run_config_goes_into_the_version_and_the_runs(instance, seed_dir, tmp_path):
+def test_the_profile_run_config_goes_into_the_version(seed_dir, tmp_path):
     resources = make_resources(tmp_path / "data", seed_dir, llm=FakeLLM())
     profile = {"run_config": {"unicorn_shard_job": {"ops": {
         "expand_captions": {"config": {"expansions_per_seed": 1}}}}}}
@@ -220,17 +264,6 @@ def test_the_profile_run_config_goes_into_the_version_and_the_runs(instance, see
         return asset.specs_by_key[dg.AssetKey("expanded_captions")].code_version
 
     assert version(op_configs) != version(None)
-    defs = dg.Definitions(
-        assets=with_recipe_versions([read_caption_seeds, expand_captions], resources, op_configs),
-        schedules=[build_nightly_schedule(NightlySettings(selection="*"), op_configs)],
-        resources=resources, executor=dg.in_process_executor)
-    instance.add_dynamic_partitions(SEED_SHARDS, ["shard-a"])
-    (request,) = evaluate(defs, instance).run_requests
-    assert request.run_config == {"ops": {"expand_captions": {"config": {"expansions_per_seed": 1}}}}
-    execute(defs, instance, request)
-    captions = pl.read_parquet(tmp_path / "data" / "expanded_captions" / "shard-a.parquet")
-    seeds = pl.read_parquet(tmp_path / "data" / "caption_seeds" / "shard-a.parquet")
-    assert 0 < captions.height <= seeds.height  # one expansion per seed, before filtering
 
 
 def test_the_profiles_stage2_settings_go_into_the_instructions_version(tmp_path, seed_dir):
@@ -244,35 +277,3 @@ def test_the_profiles_stage2_settings_go_into_the_instructions_version(tmp_path,
     assert paper["instructions"] != demo["instructions"]
     assert paper["expanded_captions"] == demo["expanded_captions"]
     assert versions({"qa_pairs_min": 2, "qa_pairs_max": 2}) == demo
-
-
-def test_a_bad_shard_of_a_run_leaves_the_healthy_ones_due_for_stage1_only(instance, tmp_path):
-    keys = ["shard-a", "shard-b", "shard-c", "shard-d"]
-    folder = tmp_path / "seeds"
-    for i, key in enumerate(keys):
-        write_jsonl(folder / f"{key}.jsonl", coco_captions(3, offset=3 * i))
-    with open(folder / "shard-c.jsonl", "ab") as handle:
-        handle.write(b"{broken\n")
-    instance.add_dynamic_partitions(SEED_SHARDS, keys)
-    resources = make_resources(tmp_path / "data", folder, llm=FakeLLM(),
-                               seeds={"on_bad_line": "fail"})
-    defs = nightly_defs(resources)
-    job = defs.get_repository_def().get_job(defs.get_schedule_def("nightly_regeneration").job_name)
-
-    (request,) = evaluate(defs, instance).run_requests
-    assert shards_of(request) == ("shard-a", "shard-d")
-    result = job.execute_in_process(instance=instance, asset_selection=request.asset_selection,
-                                    tags=request.tags, raise_on_error=False)
-    assert not result.success  # shard-c fails its run; Stage 1 did not run for anyone
-    assert not (tmp_path / "data" / "expanded_captions").exists()
-
-    # the healthy shards' seeds were kept, fresh: the next tick asks only for their Stage 1,
-    # in runs without shard-c, which is asked for again from its seeds
-    requests = evaluate(defs, instance).run_requests
-    by_shards = {shards_of(r): set(r.asset_selection) for r in requests}
-    assert by_shards == {("shard-a", "shard-b"): STAGE1, ("shard-c",): SEEDS | STAGE1,
-                         ("shard-d",): STAGE1}
-    for healthy in (r for r in requests if set(r.asset_selection) == STAGE1):
-        execute(defs, instance, healthy)
-    written = sorted(p.stem for p in (tmp_path / "data" / "expanded_captions").glob("*.parquet"))
-    assert written == ["shard-a", "shard-b", "shard-d"]

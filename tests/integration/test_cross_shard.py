@@ -7,16 +7,16 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from dagster_project.automation import NightlySettings, build_nightly_schedule
+from dagster_project.automation import NightlySettings, with_nightly_conditions
+from dagster_project.code_versions import recipe_version, with_recipe_versions
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
 from dagster_project.jobs import unicorn_corpus_job, unicorn_shard_job
-from dagster_project.staleness import recipe_version, with_recipe_versions
 from tests.support import (
     coco_captions,
     make_resources,
@@ -128,19 +128,22 @@ def test_shards_made_before_shard_qualified_ids_are_regenerated_from_the_cache(
     assert dg.materialize(before, instance=instance, partition_key="shard-a",
                           resources=resources).success
 
-    defs = dg.Definitions(assets=with_recipe_versions([read_caption_seeds, expand_captions],
-                                                      resources),
-                          schedules=[build_nightly_schedule(NightlySettings(selection="*"))],
-                          resources=resources, executor=dg.in_process_executor)
-    schedule = defs.get_schedule_def("nightly_regeneration")
-    with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime.now(UTC),
-                                   repository_def=defs.get_repository_def()) as context:
-        (request,) = schedule.evaluate_tick(context).run_requests
-    assert set(request.asset_selection) == {dg.AssetKey("expanded_captions"),
-                                            dg.AssetKey("expanded_caption_rejects")}
-    job = defs.get_repository_def().get_job(schedule.job_name)
-    result = job.execute_in_process(instance=instance, partition_key=request.partition_key,
-                                    asset_selection=request.asset_selection, tags=request.tags)
+    # The nightly automation watched the code before (it records each code version it sees),
+    # then sees the new version and regenerates at the next tick.
+    nightly = NightlySettings(cron="0 * * * *", selection="*")
+    first = dg.evaluate_automation_conditions(
+        defs=dg.Definitions(assets=with_nightly_conditions(before, nightly), resources=resources),
+        instance=instance, evaluation_time=datetime.now(UTC))
+    after = with_recipe_versions([read_caption_seeds, expand_captions], resources)
+    after_tick = datetime.now(UTC).replace(minute=0) + timedelta(hours=1, minutes=1)
+    requested = dg.evaluate_automation_conditions(
+        defs=dg.Definitions(assets=with_nightly_conditions(after, nightly), resources=resources),
+        instance=instance, cursor=first.cursor, evaluation_time=after_tick)
+    stage1 = [dg.AssetKey("expanded_captions"), dg.AssetKey("expanded_caption_rejects")]
+    assert requested.total_requested == 2
+    assert all(requested.get_requested_partitions(key) == {"shard-a"} for key in stage1)
+    result = dg.materialize(after, instance=instance, partition_key="shard-a",
+                            resources=resources, selection=stage1)
     meta = materialization(result, "expanded_captions")
     assert meta["cache_hits"].value == meta["llm_requests"].value > 0
 

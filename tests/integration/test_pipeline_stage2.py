@@ -15,8 +15,8 @@ from dagster._core.storage.tags import (
 )
 from pydantic import PrivateAttr
 
-from dagster_project.jobs import unicorn_shard_job
-from dagster_project.profiles import ProfileError, build_stage2, load_profile, with_run_config
+from dagster_project.jobs import build_jobs, unicorn_shard_job
+from dagster_project.profiles import ProfileError, build_stage2, job_run_configs, load_profile
 from tests.support import coco_captions, make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
 from unicorn_assets.expansion import expand_captions, stage1_checks
@@ -238,8 +238,16 @@ def test_a_shard_whose_records_all_fail_is_blocked(instance, tmp_path, seed_dir)
 
 def test_run_config_must_name_a_known_job():
     with pytest.raises(ProfileError, match="unknown job.*nightly_job"):
-        with_run_config([unicorn_shard_job], {"run_config": {"nightly_job": {}}})
-    assert with_run_config([unicorn_shard_job], {}) == [unicorn_shard_job]
+        job_run_configs({"run_config": {"nightly_job": {}}}, [unicorn_shard_job.name])
+    assert job_run_configs({}, [unicorn_shard_job.name]) == {}
+
+
+def test_a_jobs_run_config_from_the_profile_is_its_default():
+    config = {"ops": {"make_instructions": {"config": {"max_captions_per_shard": 2}}}}
+    jobs = {job.name: job for job in build_jobs(
+        job_run_configs({"run_config": {"unicorn_shard_job": config}}, ["unicorn_shard_job"]))}
+    assert jobs["unicorn_shard_job"].config == config
+    assert jobs["unicorn_corpus_job"].config is None
 
 
 @pytest.mark.slow
