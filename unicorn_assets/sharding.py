@@ -6,9 +6,12 @@ from typing import Any, NoReturn
 
 import dagster as dg
 import polars as pl
-from dagster._core.definitions.data_version import CODE_VERSION_TAG
 
 from unicorn_resources.storage import ParquetIOManager
+
+# The tag Dagster reads a materialisation's code version from (a documented tag name; its
+# constant lives in a private module).
+CODE_VERSION_TAG = "dagster/code_version"
 
 
 def split_by_shard(frame: pl.DataFrame, keys: Sequence[str]) -> dict[str, pl.DataFrame]:
