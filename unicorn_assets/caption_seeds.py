@@ -5,7 +5,14 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from unicorn_assets.checks import Check, by_shard, check_specs, evaluate, frame_check, standard_checks
+from unicorn_assets.checks import (
+    Check,
+    by_shard,
+    check_specs,
+    evaluate,
+    frame_check,
+    standard_checks,
+)
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.caption_seeds import (
     BAD_LINE_REASONS,

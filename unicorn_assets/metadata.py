@@ -30,16 +30,19 @@ def stage_tags(stage: str) -> dict[str, str]:
     return {"stage": stage}
 
 
-def table_schema(schema: pl.Schema, docs: Mapping[str, str] | None = None) -> dg.TableSchema:
+def table_schema(schema: pl.Schema | Mapping[str, Any],
+                 docs: Mapping[str, str] | None = None) -> dg.TableSchema:
     docs = docs or {}
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype), description=docs.get(name))
                                    for name, dtype in schema.items()])
 
 
-def described_columns(schema: pl.Schema, docs: Mapping[str, str]) -> dict[str, Any]:
-    """Definition metadata: the table's columns, each with its description (every one needs
-    one), shown in the UI before the first materialisation."""
-    missing = [name for name in schema.names() if not docs.get(name)]
+def described_columns(schema: pl.Schema | Mapping[str, Any],
+                      docs: Mapping[str, str]) -> dict[str, Any]:
+    """Definition metadata: the table's columns (name: polars type, or its name as text), each
+    with its description (every one needs one), shown in the UI before the first
+    materialisation."""
+    missing = [name for name in schema if not docs.get(name)]
     if missing:
         raise ValueError(f"columns without a description: {missing}")
     return {"dagster/column_schema": table_schema(schema, docs)}
