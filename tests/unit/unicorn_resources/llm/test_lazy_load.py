@@ -10,8 +10,9 @@ import pytest
 from tests.support import make_resources, materialize_shard
 from unicorn_resources.llm import LlamaCppLLM, TransformersLLM, VllmLLM
 
-WORDS = ("red blue wooden metal glass round small large bright dark table wall window floor grass "
-         "sky road water tree building shadow light lamp cloth paper stone").split()
+WORDS = ["red", "blue", "wooden", "metal", "glass", "round", "small", "large", "bright", "dark",
+         "table", "wall", "window", "floor", "grass", "sky", "road", "water", "tree", "building",
+         "shadow", "light", "lamp", "cloth", "paper", "stone"]
 
 
 class CountingLlama:
