@@ -24,7 +24,8 @@ from typing import Any
 
 from benchmarks.common import ROOT, WORK, Row, machine
 
-BENCHMARKS = ["stage1", "backends", "overhead", "dedup", "memory", "stage3", "synthvlm"]
+BENCHMARKS = ["stage1", "backends", "overhead", "cache_rerun", "dedup", "memory", "stage3",
+              "synthvlm"]
 
 
 def run_one(name: str, smoke: bool) -> dict[str, Any]:

@@ -5,7 +5,14 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from unicorn_assets.checks import frame_check, run_shards, standard_checks, to_result
+from unicorn_assets.checks import (
+    Check,
+    by_shard,
+    check_specs,
+    evaluate,
+    frame_check,
+    standard_checks,
+)
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.caption_seeds import (
     BAD_LINE_REASONS,
@@ -16,7 +23,14 @@ from unicorn_assets.logic.caption_seeds import (
     read_seed_bytes,
 )
 from unicorn_assets.logic.prompts import load_lines
-from unicorn_assets.metadata import add_shard_metadata, frame_metadata
+from unicorn_assets.metadata import (
+    KINDS,
+    OWNERS,
+    add_shard_metadata,
+    described_columns,
+    frame_metadata,
+    stage_tags,
+)
 from unicorn_assets.partitions import SEED_BACKFILL, seed_shards
 from unicorn_assets.sharding import fail_some_shards
 from unicorn_resources.keys import SeedError
@@ -39,22 +53,61 @@ def read_shard(seeds: SeedSource, key: str) -> SeedReadResult:
     return read_seed_bytes(data, uri, key, read_options(seeds))
 
 
+SEED_COLUMNS = {
+    "seed_id": "the seed's id: the file's id field, or a digest of its text; a label seed's "
+               "templates add -t<n>",
+    "shard": "the seed shard (partition key) the seed was read from",
+    "caption": "the seed caption, whitespace-normalised",
+    "seed_kind": "caption (a line of the file) or label (a template filled with a class label)",
+    "label": "the line's label field, whitespace-normalised; null when it has none",
+    "source_file": "the seed file the line was read from",
+    "source_line": "the line number in the seed file (1-based)",
+    "meta": "JSON of the line's other fields (besides caption, label and id)",
+}
+SEEDS_VERSION = "1"
+
+
+def malformed_rate(frames, gates: QualityGates) -> quality.Outcome:
+    seeds, rejects = frames["caption_seeds"], frames["caption_seed_rejects"]
+    bad = rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
+    by_reason = dict(bad.group_by("reason").len().iter_rows())
+    return quality.reject_rate(seeds.height, bad.height, gates.seed_max_reject_rate, by_reason)
+
+
+seed_checks: list[Check] = [
+    *standard_checks("caption_seeds", schema=SEED_SCHEMA, id_column="seed_id",
+                     required=["seed_id", "shard", "caption", "seed_kind", "source_file"]),
+    Check("caption_seeds", "malformed_line_rate", malformed_rate, blocking=True,
+          description="share of malformed seed lines under quality_gates.seed_max_reject_rate"),
+    *standard_checks("caption_seed_rejects", schema=REJECT_SCHEMA, id_column=None,
+                     required=["source_file", "reason", "detail"], non_empty=False),
+    frame_check("caption_seed_rejects", "every_reject_has_a_reason",
+                lambda df, q: quality.Outcome(
+                    df.filter(pl.col("reason").is_null() | (pl.col("detail") == "")).height == 0,
+                    "every reject names its reason and location"),
+                blocking=False, description="no reject row lacks a reason or a location"),
+]
+
+
 @dg.multi_asset(
     outs={
         "caption_seeds": dg.AssetOut(
             description="Seed captions of one shard: whitespace-normalised, ids filled, label seeds "
             "expanded into templates, empty and duplicate captions removed.",
-            kinds={"polars", "parquet"}),
+            kinds=KINDS, owners=OWNERS, tags=stage_tags("seeds"), code_version=SEEDS_VERSION,
+            metadata=described_columns(SEED_SCHEMA, SEED_COLUMNS)),
         "caption_seed_rejects": dg.AssetOut(
             description="Every seed line that did not become a seed, with file, line and reason.",
-            kinds={"polars", "parquet"}),
+            kinds=KINDS, owners=OWNERS, tags=stage_tags("seeds"), code_version=SEEDS_VERSION),
     },
+    check_specs=check_specs(seed_checks),
     partitions_def=seed_shards,
     group_name="unicorn_seeds",
     backfill_policy=SEED_BACKFILL,
 )
 def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource,
-                       quality_gates: QualityGates) -> Iterator[dg.Output]:
+                       quality_gates: QualityGates
+                       ) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """Each shard is read and judged on its own. A shard that fails (its file gone or unreadable,
     malformed lines under on_bad_line='fail', or no seeds or too many malformed lines for the
     seed gates) fails the step naming it, after the others are stored. The gates are those of
@@ -85,7 +138,7 @@ def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource,
             context.log.error(f"{key}: {gate}")
     metadata_for = {
         "caption_seeds": lambda key: frame_metadata(
-            results[key].seeds, ["seed_id", "seed_kind", "caption"],
+            results[key].seeds, ["seed_id", "seed_kind", "caption"], SEED_COLUMNS,
             lines_read=results[key].lines_read, rejects_by_reason=results[key].counts),
         "caption_seed_rejects": lambda key: frame_metadata(
             results[key].rejects, ["source_line", "reason", "detail"],
@@ -99,6 +152,7 @@ def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource,
     for asset, metadata in metadata_for.items():
         add_shard_metadata(context, asset, metadata)
         yield dg.Output(outputs[asset], asset, metadata=run)
+    yield from evaluate(seed_checks, by_shard(context.partition_keys, **outputs), quality_gates)
 
 
 def seed_gate(result: SeedReadResult, max_reject_rate: float) -> str | None:
@@ -132,32 +186,3 @@ def shard_failure(err: Exception) -> str:
             "traceback")
 
 
-@dg.asset_check(asset="caption_seeds", name="malformed_line_rate", blocking=True,
-                partitions_def=seed_shards,
-                additional_ins={"rejects": dg.AssetIn("caption_seed_rejects")},
-                description="share of malformed seed lines under quality_gates.seed_max_reject_rate")
-def caption_seeds_malformed_rate(context: dg.AssetCheckExecutionContext,
-                                 quality_gates: QualityGates, caption_seeds: pl.DataFrame,
-                                 rejects: pl.DataFrame) -> dg.AssetCheckResult:
-    def rule(seeds: pl.DataFrame, rejects: pl.DataFrame) -> quality.Outcome:
-        bad = rejects.filter(pl.col("reason").is_in(list(BAD_LINE_REASONS)))
-        by_reason = dict(bad.group_by("reason").len().iter_rows())
-        return quality.reject_rate(seeds.height, bad.height, quality_gates.seed_max_reject_rate,
-                                   by_reason)
-
-    return to_result(quality.per_shard(run_shards(context),
-                                       {"seeds": caption_seeds, "rejects": rejects}, rule))
-
-
-seed_checks = [
-    *standard_checks("caption_seeds", schema=SEED_SCHEMA, id_column="seed_id",
-                     required=["seed_id", "shard", "caption", "seed_kind", "source_file"]),
-    caption_seeds_malformed_rate,
-    *standard_checks("caption_seed_rejects", schema=REJECT_SCHEMA, id_column=None,
-                     required=["source_file", "reason", "detail"], non_empty=False),
-    frame_check("caption_seed_rejects", "every_reject_has_a_reason",
-                lambda df, q: quality.Outcome(
-                    df.filter(pl.col("reason").is_null() | (pl.col("detail") == "")).height == 0,
-                    "every reject names its reason and location"),
-                blocking=False, description="no reject row lacks a reason or a location"),
-]

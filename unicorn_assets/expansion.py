@@ -6,7 +6,14 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from unicorn_assets.checks import frame_check, reject_rate_check, standard_checks
+from unicorn_assets.checks import (
+    by_shard,
+    check_specs,
+    evaluate,
+    frame_check,
+    reject_rate_check,
+    standard_checks,
+)
 from unicorn_assets.logic import pairing, quality
 from unicorn_assets.logic.expansion import (
     CAPTION_REJECT_SCHEMA,
@@ -19,10 +26,18 @@ from unicorn_assets.logic.expansion import (
     reject_counts,
 )
 from unicorn_assets.logic.prompts import load_prompt_set
-from unicorn_assets.metadata import add_shard_metadata, frame_metadata
+from unicorn_assets.metadata import (
+    KINDS,
+    OWNERS,
+    add_shard_metadata,
+    described_columns,
+    frame_metadata,
+    stage_tags,
+)
 from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
+from unicorn_resources.quality_gates import QualityGates
 
 # Bumped when caption ids or their keys change (2: qualified by the shard; 3: a caption_sha256
 # column), so the nightly run regenerates shards made before; their LLM requests are unchanged,
@@ -77,58 +92,31 @@ def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
     return meta
 
 
-@dg.multi_asset(
-    outs={
-        "expanded_captions": dg.AssetOut(
-            description="Detailed captions expanded from the seeds by the LLM (K per seed), "
-            "filtered and de-duplicated, with full lineage.", kinds={"polars", "parquet"},
-            code_version=CAPTION_ID_VERSION),
-        "expanded_caption_rejects": dg.AssetOut(
-            description="Expanded captions the filters removed, each with its reason.",
-            kinds={"polars", "parquet"}, code_version=CAPTION_ID_VERSION),
-    },
-    partitions_def=seed_shards,
-    group_name="unicorn_stage1",
-    backfill_policy=SHARD_BACKFILL,
-    pool="gpu",
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
-)
-def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
-                    llm: LLMResource, caption_seeds: pl.DataFrame) -> Iterator[dg.Output]:
-    prompts = load_prompt_set(config.prompt, config.prompt_version)
-    plan = plan_expansions(caption_seeds, prompts, config.styles, config.expansions_per_seed,
-                           config.sampling_seed)
-    requests = [
-        ChatRequest.of(prompts.messages(style, caption=caption), seed=seed)
-        for style, caption, seed in plan.select("style", "seed_caption", "sampling_seed").iter_rows()
-    ]
-    params = config.sampling()
-    started = time.perf_counter()
-    completions = llm.generate(requests, params) if requests else []
-    seconds = time.perf_counter() - started
-
-    captions = assemble_captions(plan, completions, llm.model_id, prompts, params.as_dict())
-    kept, rejected = {}, {}
-    for key, shard_captions in split_by_shard(captions, context.partition_keys).items():
-        kept[key], rejected[key] = filter_captions(shard_captions, config.filters())
-        context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
-                         f"rejected {reject_counts(rejected[key])}")
-    add_shard_metadata(context, "expanded_captions", lambda key: frame_metadata(
-        kept[key], ["caption_id", "style", "caption"],
-        rejects_by_reason=reject_counts(rejected[key])))
-    add_shard_metadata(context, "expanded_caption_rejects", lambda key: frame_metadata(
-        rejected[key], ["reason", "caption"], rejects_by_reason=reject_counts(rejected[key])))
-    run = {"shards_in_run": len(kept)}
-    yield dg.Output(kept, "expanded_captions", metadata={
-        **run, "prompt_version": prompts.ref, **llm_metadata(llm, completions, seconds)})
-    yield dg.Output(rejected, "expanded_caption_rejects", metadata=run)
-
-
 expanded_captions_reject_rate = reject_rate_check(
     "expanded_captions", "expanded_caption_rejects", "caption_max_reject_rate", reject_counts,
     description="share of expanded captions rejected, under "
                 "quality_gates.caption_max_reject_rate")
 
+CAPTION_COLUMNS = {
+    "caption_id": "the caption's id: a digest of shard, seed, prompt version and expansion index",
+    "seed_id": "the seed it was expanded from (caption_seeds.seed_id)",
+    "shard": "the seed shard (partition key)",
+    "seed_caption": "the seed caption the LLM was given",
+    "caption": "the expanded caption: the LLM's text, whitespace-normalised, quotes stripped",
+    "caption_sha256": "SHA-256 of the caption text: the key that pairs embeddings, instructions "
+                      "and exports with this caption",
+    "style": "the expansion style asked for (objects, attributes, spatial, lighting, background)",
+    "expansion_index": "which of the seed's K expansions this is (0-based)",
+    "model_id": "the LLM that wrote it (backend:model)",
+    "prompt_version": "the prompt set and its version (prompts/<name>/<version>)",
+    "prompt_digest": "SHA-256 of the prompt template's text",
+    "sampling": "JSON of the sampling parameters (temperature, top_p, max_tokens, ...)",
+    "sampling_seed": "the request's sampling seed",
+    "prompt_tokens": "tokens in the prompt",
+    "completion_tokens": "tokens the model generated",
+    "finish_reason": "why generation stopped (stop, length)",
+    "n_words": "words in the caption",
+}
 
 stage1_checks = [
     *standard_checks("expanded_captions", schema=CAPTION_SCHEMA, id_column="caption_id",
@@ -156,3 +144,55 @@ stage1_checks = [
                     "every reject reason is a known filter"),
                 blocking=False, description="every reject names one of the known filters"),
 ]
+
+
+@dg.multi_asset(
+    outs={
+        "expanded_captions": dg.AssetOut(
+            description="Detailed captions expanded from the seeds by the LLM (K per seed), "
+            "filtered and de-duplicated, with full lineage.", kinds=KINDS, owners=OWNERS,
+            tags=stage_tags("1"), code_version=CAPTION_ID_VERSION,
+            metadata=described_columns(CAPTION_SCHEMA, CAPTION_COLUMNS)),
+        "expanded_caption_rejects": dg.AssetOut(
+            description="Expanded captions the filters removed, each with its reason.",
+            kinds=KINDS, owners=OWNERS, tags=stage_tags("1"), code_version=CAPTION_ID_VERSION),
+    },
+    check_specs=check_specs(stage1_checks),
+    partitions_def=seed_shards,
+    group_name="unicorn_stage1",
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+)
+def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
+                    llm: LLMResource, quality_gates: QualityGates,
+                    caption_seeds: pl.DataFrame) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    prompts = load_prompt_set(config.prompt, config.prompt_version)
+    plan = plan_expansions(caption_seeds, prompts, config.styles, config.expansions_per_seed,
+                           config.sampling_seed)
+    requests = [
+        ChatRequest.of(prompts.messages(style, caption=caption), seed=seed)
+        for style, caption, seed in plan.select("style", "seed_caption", "sampling_seed").iter_rows()
+    ]
+    params = config.sampling()
+    started = time.perf_counter()
+    completions = llm.generate(requests, params) if requests else []
+    seconds = time.perf_counter() - started
+
+    captions = assemble_captions(plan, completions, llm.model_id, prompts, params.as_dict())
+    kept, rejected = {}, {}
+    for key, shard_captions in split_by_shard(captions, context.partition_keys).items():
+        kept[key], rejected[key] = filter_captions(shard_captions, config.filters())
+        context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
+                         f"rejected {reject_counts(rejected[key])}")
+    add_shard_metadata(context, "expanded_captions", lambda key: frame_metadata(
+        kept[key], ["caption_id", "style", "caption"], CAPTION_COLUMNS,
+        rejects_by_reason=reject_counts(rejected[key])))
+    add_shard_metadata(context, "expanded_caption_rejects", lambda key: frame_metadata(
+        rejected[key], ["reason", "caption"], rejects_by_reason=reject_counts(rejected[key])))
+    run = {"shards_in_run": len(kept)}
+    yield dg.Output(kept, "expanded_captions", metadata={
+        **run, "prompt_version": prompts.ref, **llm_metadata(llm, completions, seconds)})
+    yield dg.Output(rejected, "expanded_caption_rejects", metadata=run)
+    yield from evaluate(stage1_checks, by_shard(context.partition_keys, expanded_captions=kept,
+                                                expanded_caption_rejects=rejected), quality_gates)

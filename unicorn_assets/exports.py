@@ -25,7 +25,7 @@ from unicorn_assets.logic import pairing
 from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.logic.quality import Outcome
-from unicorn_assets.metadata import markdown_table
+from unicorn_assets.metadata import OWNERS, markdown_table, stage_tags
 from unicorn_assets.modality import CORPUS_GROUP
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE
 from unicorn_resources.storage import ParquetIOManager, join
@@ -117,11 +117,17 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
     return dg.MaterializeResult(metadata=meta)
 
 
+EXPORT_VERSION = "1"
+
+
 @dg.asset(
     description="LLaVA pretraining records (a brief-description prompt + the caption) as JSONL, "
     "each pointing to its transferred embedding in safetensors shards; index and manifest.json.",
     group_name=CORPUS_GROUP,
     kinds={"json", "safetensors"},
+    owners=OWNERS,
+    tags=stage_tags("export"),
+    code_version=EXPORT_VERSION,
 )
 def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportConfig,
                      io_manager: Storage, expanded_captions: pl.LazyFrame,
@@ -145,6 +151,9 @@ def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportCo
     "transferred embedding in safetensors shards; index and manifest.json.",
     group_name=CORPUS_GROUP,
     kinds={"json", "safetensors"},
+    owners=OWNERS,
+    tags=stage_tags("export"),
+    code_version=EXPORT_VERSION,
 )
 def instruct_dataset(context: dg.AssetExecutionContext, config: InstructExportConfig,
                      io_manager: Storage, instructions: pl.LazyFrame,

@@ -10,11 +10,13 @@ import polars as pl
 from pydantic import Field, create_model, model_validator
 
 from unicorn_assets.checks import (
+    Check,
+    by_shard,
+    check_specs,
+    evaluate,
     frame_check,
     reject_rate_check,
-    run_shards,
     standard_checks,
-    to_result,
 )
 from unicorn_assets.expansion import llm_metadata
 from unicorn_assets.logic import quality
@@ -34,13 +36,22 @@ from unicorn_assets.logic.instructions import (
     task_counts,
     well_formed,
 )
-from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.metadata import (
+    KINDS,
+    OWNERS,
+    add_shard_metadata,
+    described_columns,
+    frame_metadata,
+    markdown_table,
+    stage_tags,
+)
 from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.quality_gates import QualityGates
 
 # Unicorn v2 made 171K multiple-choice, 199K QA and 100K complex-reasoning records.
+INSTRUCTIONS_VERSION = "1"
 PAPER_MIX = {"multiple_choice": 171.0, "question_answering": 199.0, "complex_reasoning": 100.0,
              "multi_turn": 0.0}
 
@@ -133,92 +144,21 @@ def conversation_markdown(conversation: list[dict[str, str]]) -> str:
                        for t in conversation)
 
 
-@dg.multi_asset(
-    outs={
-        "instructions": dg.AssetOut(
-            description="One LLaVA/Bunny conversation per caption (multiple choice, question "
-            "answering, complex reasoning or multi-turn), validated, with full lineage.",
-            kinds={"polars", "parquet"}),
-        "instruction_rejects": dg.AssetOut(
-            description="Captions whose conversation stayed invalid after every attempt, each "
-            "with its reason, detail and last raw output.", kinds={"polars", "parquet"}),
-    },
-    partitions_def=seed_shards,
-    group_name="unicorn_stage2",
-    backfill_policy=SHARD_BACKFILL,
-    pool="gpu",
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
-)
-def make_instructions(context: dg.AssetExecutionContext, config: InstructionConfig,
-                      stage2: InstructionDefaults, llm: LLMResource,
-                      expanded_captions: pl.DataFrame) -> Iterator[dg.Output]:
-    chosen = stage2.overridden_by(config)
-    settings, params = chosen.settings(), chosen.sampling()
-    prompts = load_prompts(chosen.prompt_version)
-    plan = plan_instructions(expanded_captions, settings)
-    structured = llm.supports_json_schema
-    started = time.perf_counter()
-    generation = generate_instructions(
-        plan, prompts, lambda requests: llm.generate([ChatRequest.of(**r) for r in requests], params),
-        settings, structured=structured, model_id=llm.model_id, sampling=params.as_dict())
-    seconds = time.perf_counter() - started
-
-    records = split_by_shard(generation.records, context.partition_keys)
-    rejects = split_by_shard(generation.rejects, context.partition_keys)
-    for key in context.partition_keys:
-        context.log.info(f"{key}: {records[key].height} instruction records, "
-                         f"{rejects[key].height} rejected {reject_counts(rejects[key])}")
-    def shard_meta(key: str) -> dict:
-        shard, validity = records[key], json_validity(records[key], rejects[key])
-        meta = frame_metadata(
-            shard, task_type_counts=task_counts(shard), rejects_by_reason=reject_counts(rejects[key]),
-            json_validity_rate=round(validity[0], 4), attempts=validity[1],
-            captions_available=expanded_captions.filter(pl.col("shard") == key).height,
-            captions_used=plan.filter(pl.col("shard") == key).height)
-        if shard.height:
-            meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(shard)))
-            meta["example_conversation"] = dg.MetadataValue.md(
-                conversation_markdown(shard["conversations"][0].to_list()))
-        return meta
-
-    add_shard_metadata(context, "instructions", shard_meta)
-    add_shard_metadata(context, "instruction_rejects", lambda key: frame_metadata(
-        rejects[key], ["caption_id", "task_type", "reason", "detail"],
-        rejects_by_reason=reject_counts(rejects[key])))
-    run = {"shards_in_run": len(records)}
-    yield dg.Output(records, "instructions", metadata={
-        **run, "requests_per_attempt": dg.MetadataValue.json(generation.batch_sizes),
-        "structured_output": "json_schema" if structured else "prompt_only",
-        "task_mix": dg.MetadataValue.json(settings.shares()),
-        "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
-        "max_captions_per_shard": chosen.max_captions_per_shard or "all",
-        "settings": dg.MetadataValue.json(chosen.recipe),
-        "prompt_versions": dg.MetadataValue.json(sorted({p.ref for p in prompts.values()})),
-        **llm_metadata(llm, generation.completions, seconds)})
-    yield dg.Output(rejects, "instruction_rejects", metadata=run)
-
-
 instructions_reject_rate = reject_rate_check(
     "instructions", "instruction_rejects", "instruction_max_reject_rate", reject_counts,
     description="share of captions whose record was rejected, under "
                 "quality_gates.instruction_max_reject_rate")
 
 
-@dg.asset_check(asset="instructions", name="json_validity_rate", blocking=False,
-                partitions_def=seed_shards,
-                additional_ins={"rejects": dg.AssetIn("instruction_rejects")},
-                description="share of LLM attempts (records, rejects, retries) that returned JSON "
-                "valid for the schema, over quality_gates.instruction_min_json_validity")
-def instructions_json_validity(context: dg.AssetCheckExecutionContext,
-                               quality_gates: QualityGates, instructions: pl.DataFrame,
-                               rejects: pl.DataFrame) -> dg.AssetCheckResult:
-    def rule(records: pl.DataFrame, rejects: pl.DataFrame) -> quality.Outcome:
-        rate, attempts = json_validity(records, rejects)
-        return quality.min_rate(rate, quality_gates.instruction_min_json_validity,
-                                "JSON validity", attempts)
+def json_validity_outcome(frames, gates: QualityGates) -> quality.Outcome:
+    rate, attempts = json_validity(frames["instructions"], frames["instruction_rejects"])
+    return quality.min_rate(rate, gates.instruction_min_json_validity, "JSON validity", attempts)
 
-    return to_result(quality.per_shard(run_shards(context),
-                                       {"records": instructions, "rejects": rejects}, rule))
+
+instructions_json_validity = Check(
+    "instructions", "json_validity_rate", json_validity_outcome, blocking=False,
+    description="share of LLM attempts (records, rejects, retries) that returned JSON valid for "
+    "the schema, over quality_gates.instruction_min_json_validity")
 
 
 def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:
@@ -234,6 +174,28 @@ def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcom
 def _multiple_choice(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.filter(pl.col("task_type") == "multiple_choice")
 
+
+INSTRUCTION_COLUMNS = {
+    "id": "the record's id: a digest of its caption_id and prompt version",
+    "caption_id": "the caption it was made from (expanded_captions.caption_id)",
+    "caption_sha256": "SHA-256 of that caption's text, copied from its row: the pairing key",
+    "seed_id": "the seed of that caption",
+    "shard": "the seed shard (partition key)",
+    "task_type": "multiple_choice, question_answering, complex_reasoning or multi_turn",
+    "n_turns": "QA pairs asked for",
+    "model_id": "the LLM that wrote it (backend:model)",
+    "prompt_version": "the task's prompt set and version",
+    "prompt_digest": "SHA-256 of the prompt template's text",
+    "sampling": "JSON of the sampling parameters",
+    "sampling_seed": "the sampling seed of the last attempt",
+    "attempts": "LLM attempts it took (a retry has a new seed)",
+    "attempt_reasons": "why each failed attempt failed, in order",
+    "prompt_tokens": "prompt tokens, summed over attempts",
+    "completion_tokens": "generated tokens, summed over attempts",
+    "task_mix": "JSON of the configured task-type shares",
+    "conversations": "the LLaVA/Bunny conversation: turns {from: human|gpt, value}; the first "
+                     "human turn holds the <image> token",
+}
 
 stage2_checks = [
     *standard_checks("instructions", schema=INSTRUCTION_SCHEMA, id_column="id",
@@ -269,3 +231,75 @@ stage2_checks = [
                     "every reject reason is a known rule"),
                 blocking=False, description="every reject names one of the known rules"),
 ]
+
+
+@dg.multi_asset(
+    outs={
+        "instructions": dg.AssetOut(
+            description="One LLaVA/Bunny conversation per caption (multiple choice, question "
+            "answering, complex reasoning or multi-turn), validated, with full lineage.",
+            kinds=KINDS, owners=OWNERS, tags=stage_tags("2"), code_version=INSTRUCTIONS_VERSION,
+            metadata=described_columns(INSTRUCTION_SCHEMA, INSTRUCTION_COLUMNS)),
+        "instruction_rejects": dg.AssetOut(
+            description="Captions whose conversation stayed invalid after every attempt, each "
+            "with its reason, detail and last raw output.", kinds=KINDS, owners=OWNERS,
+            tags=stage_tags("2"), code_version=INSTRUCTIONS_VERSION),
+    },
+    check_specs=check_specs(stage2_checks),
+    partitions_def=seed_shards,
+    group_name="unicorn_stage2",
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+)
+def make_instructions(context: dg.AssetExecutionContext, config: InstructionConfig,
+                      stage2: InstructionDefaults, llm: LLMResource, quality_gates: QualityGates,
+                      expanded_captions: pl.DataFrame
+                      ) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    chosen = stage2.overridden_by(config)
+    settings, params = chosen.settings(), chosen.sampling()
+    prompts = load_prompts(chosen.prompt_version)
+    plan = plan_instructions(expanded_captions, settings)
+    structured = llm.supports_json_schema
+    started = time.perf_counter()
+    generation = generate_instructions(
+        plan, prompts, lambda requests: llm.generate([ChatRequest.of(**r) for r in requests], params),
+        settings, structured=structured, model_id=llm.model_id, sampling=params.as_dict())
+    seconds = time.perf_counter() - started
+
+    records = split_by_shard(generation.records, context.partition_keys)
+    rejects = split_by_shard(generation.rejects, context.partition_keys)
+    for key in context.partition_keys:
+        context.log.info(f"{key}: {records[key].height} instruction records, "
+                         f"{rejects[key].height} rejected {reject_counts(rejects[key])}")
+    def shard_meta(key: str) -> dict:
+        shard, validity = records[key], json_validity(records[key], rejects[key])
+        meta = frame_metadata(
+            shard, column_docs=INSTRUCTION_COLUMNS, task_type_counts=task_counts(shard),
+            rejects_by_reason=reject_counts(rejects[key]),
+            json_validity_rate=round(validity[0], 4), attempts=validity[1],
+            captions_available=expanded_captions.filter(pl.col("shard") == key).height,
+            captions_used=plan.filter(pl.col("shard") == key).height)
+        if shard.height:
+            meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(shard)))
+            meta["example_conversation"] = dg.MetadataValue.md(
+                conversation_markdown(shard["conversations"][0].to_list()))
+        return meta
+
+    add_shard_metadata(context, "instructions", shard_meta)
+    add_shard_metadata(context, "instruction_rejects", lambda key: frame_metadata(
+        rejects[key], ["caption_id", "task_type", "reason", "detail"],
+        rejects_by_reason=reject_counts(rejects[key])))
+    run = {"shards_in_run": len(records)}
+    yield dg.Output(records, "instructions", metadata={
+        **run, "requests_per_attempt": dg.MetadataValue.json(generation.batch_sizes),
+        "structured_output": "json_schema" if structured else "prompt_only",
+        "task_mix": dg.MetadataValue.json(settings.shares()),
+        "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
+        "max_captions_per_shard": chosen.max_captions_per_shard or "all",
+        "settings": dg.MetadataValue.json(chosen.recipe),
+        "prompt_versions": dg.MetadataValue.json(sorted({p.ref for p in prompts.values()})),
+        **llm_metadata(llm, generation.completions, seconds)})
+    yield dg.Output(rejects, "instruction_rejects", metadata=run)
+    yield from evaluate(stage2_checks, by_shard(context.partition_keys, instructions=records,
+                                                instruction_rejects=rejects), quality_gates)

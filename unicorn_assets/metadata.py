@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -19,15 +19,40 @@ def markdown_table(frame: pl.DataFrame, columns: Sequence[str] | None = None, ro
         return str(sample)
 
 
-def table_schema(schema: pl.Schema) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()])
+# Who answers for every asset, shown in the Dagster UI and its asset catalog filters.
+OWNERS = ["team:vlm-data"]
+KINDS = {"polars", "parquet"}
+
+
+def stage_tags(stage: str) -> dict[str, str]:
+    """The tags of an asset of pipeline stage `stage` ("seeds", "1", "2", "3", "export",
+    "synthvlm"), to filter the catalog by stage."""
+    return {"stage": stage}
+
+
+def table_schema(schema: pl.Schema | Mapping[str, Any],
+                 docs: Mapping[str, str] | None = None) -> dg.TableSchema:
+    docs = docs or {}
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype), description=docs.get(name))
+                                   for name, dtype in schema.items()])
+
+
+def described_columns(schema: pl.Schema | Mapping[str, Any],
+                      docs: Mapping[str, str]) -> dict[str, Any]:
+    """Definition metadata: the table's columns (name: polars type, or its name as text), each
+    with its description (every one needs one), shown in the UI before the first
+    materialisation."""
+    missing = [name for name in schema if not docs.get(name)]
+    if missing:
+        raise ValueError(f"columns without a description: {missing}")
+    return {"dagster/column_schema": table_schema(schema, docs)}
 
 
 def frame_metadata(frame: pl.DataFrame, sample_columns: Sequence[str] | None = None,
-                   **extra: Any) -> dict[str, Any]:
+                   column_docs: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "dagster/row_count": frame.height,
-        "dagster/column_schema": table_schema(frame.schema),
+        "dagster/column_schema": table_schema(frame.schema, column_docs),
         "sample": dg.MetadataValue.md(markdown_table(frame, sample_columns)) if frame.height
         else dg.MetadataValue.md("_no rows_"),
     }

@@ -15,10 +15,26 @@ import polars as pl
 from PIL import Image
 from pydantic import Field
 
-from unicorn_assets.checks import frame_check, standard_checks, to_result
+from unicorn_assets.checks import (
+    Check,
+    by_shard,
+    check_specs,
+    evaluate,
+    frame_check,
+    standard_checks,
+)
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.quality import Outcome, schema_matches
-from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table, table_schema
+from unicorn_assets.metadata import (
+    KINDS,
+    OWNERS,
+    add_shard_metadata,
+    described_columns,
+    frame_metadata,
+    markdown_table,
+    stage_tags,
+    table_schema,
+)
 from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
@@ -40,48 +56,23 @@ def clip_metadata(clip: ClipResource) -> dict:
     return meta
 
 
-@dg.asset(
-    description="CLIP text embedding (float32, unit norm) of every expanded caption of the shard.",
-    partitions_def=seed_shards,
-    group_name="unicorn_stage3",
-    kinds={"polars", "parquet"},
-    backfill_policy=SHARD_BACKFILL,
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
-    retry_policy=MODEL_RETRY,
-)
-def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
-                       expanded_captions: pl.DataFrame) -> dg.Output:
-    started = time.perf_counter()
-    vectors = clip.encode_text(expanded_captions["caption"].to_list())
-    seconds = time.perf_counter() - started
-    frame = modality.caption_embeddings_frame(expanded_captions, vectors, clip.model_id)
-    context.log.info(f"{frame.height} captions encoded in {seconds:.1f}s by {clip.model_id}")
-    frames = split_by_shard(frame, context.partition_keys)
-    add_shard_metadata(context, "caption_embeddings", lambda key: frame_metadata(
-        frames[key], ["caption_id", "shard", "model_id"]))
-    return dg.Output(frames, metadata={
-        "shards_in_run": len(frames), "encode_seconds": round(seconds, 3),
-        "embeddings_per_second": round(frame.height / seconds, 1) if seconds > 0 else 0.0,
-        **clip_metadata(clip)})
-
-
-@dg.asset_check(asset=caption_embeddings, name="embedding_dimension", blocking=True,
-                partitions_def=seed_shards,
-                description="the embedding width is the CLIP model's embedding dimension")
-def caption_embeddings_dimension(clip: ClipResource,
-                                 caption_embeddings: pl.DataFrame) -> dg.AssetCheckResult:
-    return to_result(modality.dimension(modality.summarise(caption_embeddings), clip.embedding_dim))
-
-
-@dg.asset_check(asset=caption_embeddings, name="row_alignment", blocking=True,
-                partitions_def=seed_shards,
-                additional_ins={"captions": dg.AssetIn("expanded_captions")},
-                description="exactly one embedding per expanded caption of the shard, and no other")
-def caption_embeddings_row_alignment(caption_embeddings: pl.DataFrame,
-                                     captions: pl.DataFrame) -> dg.AssetCheckResult:
-    return to_result(modality.row_alignment(captions["caption_id"],
-                                            caption_embeddings["caption_id"]))
+STAGE3_VERSION = "1"
+EMBEDDING_TYPE = {modality.EMBEDDING: "Array(Float32, embedding_dim)"}
+CAPTION_EMBEDDING_COLUMNS = {
+    "caption_id": "the caption it embeds (expanded_captions.caption_id)",
+    "caption_sha256": "SHA-256 of that caption's text, copied from its row: the pairing key",
+    "shard": "the seed shard (partition key)",
+    "model_id": "the CLIP model that encoded it",
+    modality.EMBEDDING: "the CLIP text embedding: float32, unit L2 norm, the model's width",
+}
+TRANSFERRED_COLUMNS = {
+    "caption_id": "the caption it embeds (expanded_captions.caption_id)",
+    "caption_sha256": "SHA-256 of that caption's text: the pairing key",
+    "shard": "the seed shard (partition key)",
+    "shift_norm": "L2 norm of u - mu_text (+ mu_image) before normalising",
+    "statistics_version": "the modality_statistics version it was shifted with",
+    modality.EMBEDDING: "the shifted embedding v = l2norm(u - mu_text (+ mu_image)), float32",
+}
 
 
 def _unit_norms(df: pl.DataFrame, q: QualityGates) -> Outcome:
@@ -89,17 +80,63 @@ def _unit_norms(df: pl.DataFrame, q: QualityGates) -> Outcome:
                                    1 + q.embedding_norm_tolerance)
 
 
-stage3_shard_checks = [
-    *standard_checks("caption_embeddings", schema=modality.CAPTION_EMBEDDING_SCHEMA,
-                     id_column="caption_id",
-                     required=["caption_id", "caption_sha256", "shard", "model_id"]),
-    caption_embeddings_dimension,
-    caption_embeddings_row_alignment,
-    frame_check("caption_embeddings", "finite", lambda df, q: modality.finite(modality.summarise(df)),
-                blocking=True, description="no NaN or Inf in any embedding"),
-    frame_check("caption_embeddings", "norms_in_range", _unit_norms, blocking=True,
-                description="every L2 norm within quality_gates.embedding_norm_tolerance of 1"),
-]
+def caption_embedding_checks(embedding_dim: int) -> list[Check]:
+    """The checks of one shard's embeddings, for a CLIP model of width `embedding_dim`."""
+    return [
+        *standard_checks("caption_embeddings", schema=modality.CAPTION_EMBEDDING_SCHEMA,
+                         id_column="caption_id",
+                         required=["caption_id", "caption_sha256", "shard", "model_id"]),
+        frame_check("caption_embeddings", "embedding_dimension",
+                    lambda df, q: modality.dimension(modality.summarise(df), embedding_dim),
+                    blocking=True,
+                    description="the embedding width is the CLIP model's embedding dimension"),
+        Check("caption_embeddings", "row_alignment", lambda frames, q: modality.row_alignment(
+            frames["expanded_captions"]["caption_id"], frames["caption_embeddings"]["caption_id"]),
+            blocking=True,
+            description="exactly one embedding per expanded caption of the shard, and no other"),
+        frame_check("caption_embeddings", "finite",
+                    lambda df, q: modality.finite(modality.summarise(df)),
+                    blocking=True, description="no NaN or Inf in any embedding"),
+        frame_check("caption_embeddings", "norms_in_range", _unit_norms, blocking=True,
+                    description="every L2 norm within quality_gates.embedding_norm_tolerance of 1"),
+    ]
+
+
+@dg.asset(
+    description="CLIP text embedding (float32, unit norm) of every expanded caption of the shard.",
+    partitions_def=seed_shards,
+    group_name="unicorn_stage3",
+    kinds=KINDS,
+    owners=OWNERS,
+    tags=stage_tags("3"),
+    code_version=STAGE3_VERSION,
+    metadata=described_columns({**modality.CAPTION_EMBEDDING_SCHEMA, **EMBEDDING_TYPE},
+                               CAPTION_EMBEDDING_COLUMNS),
+    check_specs=check_specs(caption_embedding_checks(0)),
+    backfill_policy=SHARD_BACKFILL,
+    pool="gpu",
+    op_tags=GPU_OP_TAGS,
+    retry_policy=MODEL_RETRY,
+)
+def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
+                       quality_gates: QualityGates, expanded_captions: pl.DataFrame
+                       ) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    started = time.perf_counter()
+    vectors = clip.encode_text(expanded_captions["caption"].to_list())
+    seconds = time.perf_counter() - started
+    frame = modality.caption_embeddings_frame(expanded_captions, vectors, clip.model_id)
+    context.log.info(f"{frame.height} captions encoded in {seconds:.1f}s by {clip.model_id}")
+    frames = split_by_shard(frame, context.partition_keys)
+    add_shard_metadata(context, "caption_embeddings", lambda key: frame_metadata(
+        frames[key], ["caption_id", "shard", "model_id"], CAPTION_EMBEDDING_COLUMNS))
+    yield dg.Output(frames, metadata={
+        "shards_in_run": len(frames), "encode_seconds": round(seconds, 3),
+        "embeddings_per_second": round(frame.height / seconds, 1) if seconds > 0 else 0.0,
+        **clip_metadata(clip)})
+    captions = split_by_shard(expanded_captions, context.partition_keys)
+    yield from evaluate(caption_embedding_checks(clip.embedding_dim),
+                        by_shard(context.partition_keys, caption_embeddings=frames,
+                                 expanded_captions=captions), quality_gates)
 
 
 # --- corpus-wide -------------------------------------------------------------------------------
@@ -122,17 +159,36 @@ def image_summary(clip: ClipResource, folder: str) -> tuple[modality.EmbeddingSu
     return summary, len(paths)
 
 
+STATISTICS_SCHEMA = pl.Schema({
+    "statistics_version": pl.String, "model_id": pl.String, "pretrained": pl.Boolean,
+    "count": pl.Int64, "dim": pl.Int64, "shards": pl.Int64, "image_count": pl.Int64})
+modality_statistics_checks = [
+    *standard_checks("modality_statistics", schema=STATISTICS_SCHEMA,
+                     id_column="statistics_version",
+                     required=["statistics_version", "model_id", "mu_text"]),
+    frame_check("modality_statistics", "means_finite", lambda df, q: modality.statistics_valid(df),
+                blocking=True, description="the means are finite, over at least one caption, with "
+                "the stored dimension, and the stored version matches their content"),
+]
+
+
 @dg.asset(
     description="Corpus-wide mean of the caption embeddings over every shard (streamed), count, "
     "dimension, model, an optional reference-image mean, and a version hash of all of it.",
     group_name=CORPUS_GROUP,
-    kinds={"polars", "parquet"},
+    kinds=KINDS,
+    owners=OWNERS,
+    tags=stage_tags("3"),
+    code_version=STAGE3_VERSION,
+    check_specs=check_specs(modality_statistics_checks, partitions_def=None),
     pool="gpu",
     op_tags=GPU_OP_TAGS,
     retry_policy=MODEL_RETRY,
 )
 def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfig,
-                        clip: ClipResource, caption_embeddings: pl.LazyFrame) -> dg.Output:
+                        clip: ClipResource, quality_gates: QualityGates,
+                        caption_embeddings: pl.LazyFrame
+                        ) -> Iterator[dg.Output | dg.AssetCheckResult]:
     text, shards = modality.text_statistics(caption_embeddings)
     (model_id,) = text.tags
     if model_id != clip.model_id:
@@ -149,30 +205,24 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
     context.log.info(f"statistics {stats.version}: {stats.count} captions over {shards} shard(s)"
                      + (f", {image_count} reference images" if image_count else ""))
     frame = stats.to_frame()
-    return dg.Output(frame, metadata=frame_metadata(
+    yield dg.Output(frame, metadata=frame_metadata(
         frame, ["statistics_version", "model_id", "count", "dim", "shards", "image_count"],
         statistics_version=stats.version, transfer=stats.parameters(),
         **({} if stats.pretrained else {"model_note": UNTRAINED_CLIP_NOTE})))
-
-
-modality_statistics_checks = [
-    *standard_checks("modality_statistics", schema=pl.Schema({
-        "statistics_version": pl.String, "model_id": pl.String, "pretrained": pl.Boolean,
-        "count": pl.Int64, "dim": pl.Int64, "shards": pl.Int64, "image_count": pl.Int64}),
-        id_column="statistics_version", required=["statistics_version", "model_id", "mu_text"],
-        partitions_def=None),
-    frame_check("modality_statistics", "means_finite", lambda df, q: modality.statistics_valid(df),
-                blocking=True, partitions_def=None,
-                description="the means are finite, over at least one caption, with the stored "
-                "dimension, and the stored version matches their content"),
-]
+    yield from evaluate(modality_statistics_checks, {"": {"modality_statistics": frame}},
+                        quality_gates)
 
 
 @dg.asset(
     description="Every caption embedding moved toward the image modality: v = l2norm(u - mu_text "
     "(+ mu_image)), all rows with ONE statistics version, streamed to Parquet.",
     group_name=CORPUS_GROUP,
-    kinds={"polars", "parquet"},
+    kinds=KINDS,
+    owners=OWNERS,
+    tags=stage_tags("3"),
+    code_version=STAGE3_VERSION,
+    metadata=described_columns({**modality.TRANSFERRED_SCHEMA, **EMBEDDING_TYPE},
+                               TRANSFERRED_COLUMNS),
 )
 def transferred_embeddings(caption_embeddings: pl.LazyFrame,
                            modality_statistics: pl.DataFrame) -> dg.Output:
@@ -180,7 +230,8 @@ def transferred_embeddings(caption_embeddings: pl.LazyFrame,
     shifted = modality.transfer(caption_embeddings, stats)
     rows = caption_embeddings.select(pl.len()).collect().item()
     sample = shifted.drop(modality.EMBEDDING).head(5).collect()
-    meta = {"dagster/row_count": rows, "dagster/column_schema": table_schema(shifted.collect_schema()),
+    meta = {"dagster/row_count": rows,
+            "dagster/column_schema": table_schema(shifted.collect_schema(), TRANSFERRED_COLUMNS),
             "sample": dg.MetadataValue.md(markdown_table(sample)),
             "formula": modality.TRANSFER_FORMULA, "statistics_version": stats.version,
             "transfer": dg.MetadataValue.json(stats.parameters())}
@@ -238,4 +289,6 @@ def transferred_embeddings_checks(quality_gates: QualityGates,
 
 
 stage3_assets = [caption_embeddings, modality_statistics, transferred_embeddings]
-stage3_checks = [*stage3_shard_checks, *modality_statistics_checks, transferred_embeddings_checks]
+# The shifted embeddings are streamed to storage, never held in memory: their checks read the
+# stored file in one streamed pass, as a separate step.
+stage3_checks = [transferred_embeddings_checks]

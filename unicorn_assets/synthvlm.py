@@ -8,7 +8,7 @@ Corpus-wide: `synthvlm_selection` -> `synthvlm_dataset` (an export folder with i
 import base64
 import json
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -17,6 +17,7 @@ import dagster as dg
 import polars as pl
 from PIL import Image
 
+from unicorn_assets import checks
 from unicorn_assets.checks import frame_check, standard_checks, to_result
 from unicorn_assets.expansion import llm_metadata
 from unicorn_assets.logic import images as img
@@ -25,12 +26,19 @@ from unicorn_assets.logic.exports import drop_duplicate_captions
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_assets.logic.quality import Outcome
 from unicorn_assets.logic.text import excerpt, stable_int
-from unicorn_assets.metadata import add_shard_metadata, frame_metadata, markdown_table
+from unicorn_assets.metadata import (
+    OWNERS,
+    add_shard_metadata,
+    frame_metadata,
+    markdown_table,
+    stage_tags,
+)
 from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
+from unicorn_resources.quality_gates import QualityGates
 from unicorn_resources.storage import (
     ChecksumMismatch,
     ParquetIOManager,
@@ -49,6 +57,42 @@ MODEL_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONEN
 EXPORT_SCHEMA = pl.Schema({"id": pl.String, "image": pl.String, "caption": pl.String,
                            "prompt": pl.String, "shard": pl.String, "score": pl.Float64,
                            "sha256": pl.String})
+# Owners, stage tag and code version of every SynthVLM asset.
+ASSET_META = {"owners": OWNERS, "tags": stage_tags("synthvlm"), "code_version": "1"}
+
+# Each asset's checks, evaluated inside it on the frames it just built. Those that verify the
+# stored files (files_decode, records_resolve) stay separate steps: see the end of this module.
+CANDIDATE_CHECKS = standard_checks(
+    "synthvlm_candidates", schema=logic.CANDIDATE_SCHEMA, id_column="caption_id",
+    required=["caption_id", "caption", "caption_quality"])
+IMAGE_CHECKS = standard_checks(
+    "synthetic_images", schema=logic.IMAGE_SCHEMA, id_column="image_id",
+    required=["image_id", "caption_id", "uri", "sha256", "seed"])
+SCORE_CHECKS = [
+    *standard_checks("image_scores", schema=logic.SCORE_SCHEMA, id_column="image_id",
+                     required=["image_id", "clipscore", "ssim"]),
+    frame_check("image_scores", "no_nan_scores", lambda df, q: logic.no_nan_scores(df),
+                blocking=True, description="no NaN or missing CLIPScore, cosine or SSIM"),
+    frame_check("image_scores", "score_ranges",
+                lambda df, q: logic.score_ranges(df, q.synthvlm_min_median_clipscore),
+                blocking=True, description="cosine and SSIM in [-1, 1], CLIPScore in [0, w], "
+                "median CLIPScore over quality_gates.synthvlm_min_median_clipscore"),
+    checks.Check("image_scores", "every_image_scored", lambda frames, q: logic.scores_cover_images(
+        frames["image_scores"], frames["synthetic_images"]), blocking=True,
+        description="the scores cover exactly the shard's images"),
+]
+SELECTION_CHECKS = [
+    *standard_checks("synthvlm_selection", schema=logic.SELECTION_SCHEMA, id_column="image_id",
+                     required=["image_id", "score", "uri"]),
+    frame_check("synthvlm_selection", "selection_ratio", lambda df, q: logic.selection_ratio(df),
+                blocking=True, description="one best image per caption, and as many selected as "
+                "the configured top fraction / top K gives"),
+    frame_check("synthvlm_selection", "no_nan_scores",
+                lambda df, q: logic.no_nan_scores(df, ("clipscore", "ssim", "score")),
+                blocking=True, description="no NaN or missing score"),
+]
+DATASET_CHECKS = standard_checks("synthvlm_dataset", schema=EXPORT_SCHEMA, id_column="id",
+                                 required=["id", "image", "caption"])
 
 
 def storage_uri(io_manager: ParquetIOManager, *parts: str) -> str:
@@ -151,10 +195,12 @@ def judge(llm: LLMResource, config: CandidateConfig, frame: pl.DataFrame
     "repetition, special characters), the LLM's yes/no judgement of descriptiveness, and an "
     "optional top-fraction cap by caption quality; each step can be switched off.",
     partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
-    kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY,
+    kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY, **ASSET_META,
+    check_specs=checks.check_specs(CANDIDATE_CHECKS),
 )
 def synthvlm_candidates(context: dg.AssetExecutionContext, config: CandidateConfig,
-                        llm: LLMResource, expanded_captions: pl.DataFrame) -> dg.Output:
+                        llm: LLMResource, quality_gates: QualityGates,
+                        expanded_captions: pl.DataFrame) -> Iterator[dg.Output | dg.AssetCheckResult]:
     rules = config.rules()
     frame = logic.rule_reasons(logic.caption_features(expanded_captions), rules)
     judge_meta: dict = {"llm_judge": config.llm_judge}
@@ -172,7 +218,9 @@ def synthvlm_candidates(context: dg.AssetExecutionContext, config: CandidateConf
         captions_in=expanded_captions.filter(pl.col("shard") == key).height,
         rejects_by_reason=logic.reason_counts(rejects[key]),
         rejected_sample=dg.MetadataValue.md(_rejects_markdown(rejects[key]))))
-    return dg.Output(by_shard, metadata={"shards_in_run": len(by_shard), **judge_meta})
+    yield dg.Output(by_shard, metadata={"shards_in_run": len(by_shard), **judge_meta})
+    yield from checks.evaluate(CANDIDATE_CHECKS, checks.by_shard(
+        context.partition_keys, synthvlm_candidates=by_shard), quality_gates)
 
 
 def _rejects_markdown(rejected: pl.DataFrame) -> str:
@@ -241,10 +289,12 @@ def write_image(io_manager: ParquetIOManager, record_uri: str, planned: dict,
     "as PNG/WebP files under the storage base; the table holds paths, seeds, sizes and SHA-256.",
     partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
     kinds={"polars", "parquet", "diffusers"}, retry_policy=MODEL_RETRY, op_tags=GPU_OP_TAGS,
+    **ASSET_META, check_specs=checks.check_specs(IMAGE_CHECKS),
 )
 def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
-                     diffusion: DiffusionResource, io_manager: Storage,
-                     synthvlm_candidates: pl.DataFrame) -> dg.Output:
+                     diffusion: DiffusionResource, io_manager: Storage, quality_gates: QualityGates,
+                     synthvlm_candidates: pl.DataFrame
+                     ) -> Iterator[dg.Output | dg.AssetCheckResult]:
     plan = logic.plan_renders(synthvlm_candidates, config.images_per_caption)
     settings = json.dumps(diffusion.settings(), sort_keys=True)
     lineage = {"model_id": diffusion.model_id, "pretrained": diffusion.is_pretrained,
@@ -306,7 +356,9 @@ def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
         meta["model_note"] = UNTRAINED_NOTE
     add_shard_metadata(context, "synthetic_images", lambda key: frame_metadata(
         out[key], ["image_id", "image_index", "seed", "uri"]))
-    return dg.Output(out, metadata=meta)
+    yield dg.Output(out, metadata=meta)
+    yield from checks.evaluate(IMAGE_CHECKS, checks.by_shard(
+        context.partition_keys, synthetic_images=out), quality_gates)
 
 
 def _stored_image(io_manager: ParquetIOManager, uri: str) -> Image.Image:
@@ -350,10 +402,12 @@ class ScoreConfig(dg.Config):
     description="Per image: CLIPScore (w * max(cos, 0), raw cosine kept) with the CLIP resource, "
     "and SSIM between the image and its round trip through the vision encoder's resize.",
     partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
-    kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY, op_tags=GPU_OP_TAGS,
+    kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY, op_tags=GPU_OP_TAGS, **ASSET_META,
+    check_specs=checks.check_specs(SCORE_CHECKS),
 )
 def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: ClipResource,
-                 io_manager: Storage, synthetic_images: pl.DataFrame) -> dg.Output:
+                 io_manager: Storage, quality_gates: QualityGates,
+                 synthetic_images: pl.DataFrame) -> Iterator[dg.Output | dg.AssetCheckResult]:
     ssim_size = config.ssim_size or clip.image_size
     read = file_reader(io_manager)
     out: dict[str, pl.DataFrame] = {}
@@ -391,16 +445,10 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
         out[key], ["image_id", "clip_cosine", "clipscore", "ssim"],
         clipscore=logic.distribution(out[key]["clipscore"]),
         ssim=logic.distribution(out[key]["ssim"])))
-    return dg.Output(out, metadata=meta)
-
-
-@dg.asset_check(asset="image_scores", name="every_image_scored", blocking=True,
-                partitions_def=seed_shards,
-                additional_ins={"images": dg.AssetIn("synthetic_images")},
-                description="the scores cover exactly the shard's images")
-def image_scores_every_image_scored(image_scores: pl.DataFrame, images: pl.DataFrame
-                                    ) -> dg.AssetCheckResult:
-    return to_result(logic.scores_cover_images(image_scores, images))
+    yield dg.Output(out, metadata=meta)
+    yield from checks.evaluate(SCORE_CHECKS, checks.by_shard(
+        context.partition_keys, image_scores=out,
+        synthetic_images=split_by_shard(synthetic_images, context.partition_keys)), quality_gates)
 
 
 # --- synthvlm_selection (corpus-wide) ------------------------------------------------------------
@@ -416,11 +464,12 @@ class SelectionConfig(dg.Config):
     description="Per caption the best of its N images by CLIPScore + lambda * SSIM, then the global "
     "top fraction (or top K); every image is listed with its status, threshold and distributions "
     "in the metadata.",
-    group_name=GROUP, kinds={"polars", "parquet"},
+    group_name=GROUP, kinds={"polars", "parquet"}, **ASSET_META,
+    check_specs=checks.check_specs(SELECTION_CHECKS, partitions_def=None),
 )
 def synthvlm_selection(context: dg.AssetExecutionContext, config: SelectionConfig,
-                       io_manager: Storage, image_scores: pl.LazyFrame,
-                       synthetic_images: pl.LazyFrame) -> dg.Output:
+                       io_manager: Storage, quality_gates: QualityGates, image_scores: pl.LazyFrame,
+                       synthetic_images: pl.LazyFrame) -> Iterator[dg.Output | dg.AssetCheckResult]:
     scores = image_scores.collect()
     images = synthetic_images.collect()
     unscored = images.join(scores, on="image_id", how="anti")
@@ -434,12 +483,14 @@ def synthvlm_selection(context: dg.AssetExecutionContext, config: SelectionConfi
     selection = logic.select_pairs(joined, config.score_lambda, config.top_fraction, config.top_k)
     summary = logic.selection_summary(selection)
     histograms = _histograms(io_manager, selection)
-    return dg.Output(selection, metadata=frame_metadata(
+    yield dg.Output(selection, metadata=frame_metadata(
         selection, ["image_id", "clipscore", "ssim", "score", "selected", "reason"],
         **summary, score_lambda=config.score_lambda,
         rule=f"top {config.top_k}" if config.top_k is not None else f"top {config.top_fraction:.0%}",
         examples=dg.MetadataValue.md(_examples(io_manager, selection, config.thumbnails)),
         **histograms))
+    yield from checks.evaluate(SELECTION_CHECKS, {"": {"synthvlm_selection": selection}},
+                               quality_gates)
 
 
 def _histograms(io_manager: ParquetIOManager, selection: pl.DataFrame) -> dict:
@@ -493,10 +544,12 @@ def export_root(io_manager: ParquetIOManager, export_dir: str) -> str:
     description="The selected pairs in LLaVA pretraining format (JSON array; image paths relative "
     "to the export folder, a brief-description prompt per record), the images copied beside it, "
     "and manifest.json with counts and SHA-256 checksums of every file.",
-    group_name=GROUP, kinds={"polars", "parquet", "json"},
+    group_name=GROUP, kinds={"polars", "parquet", "json"}, **ASSET_META,
+    check_specs=checks.check_specs(DATASET_CHECKS, partitions_def=None),
 )
 def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
-                     io_manager: Storage, synthvlm_selection: pl.DataFrame) -> dg.Output:
+                     io_manager: Storage, quality_gates: QualityGates,
+                     synthvlm_selection: pl.DataFrame) -> Iterator[dg.Output | dg.AssetCheckResult]:
     root = export_root(io_manager, config.export_dir)
     selected = synthvlm_selection.filter("selected").lazy()
     kept, duplicates = drop_duplicate_captions(selected, selected)  # first (shard, id) keeps it
@@ -560,10 +613,11 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
         pl.Series("sha256", [manifest["sha256"][r["image"]] for r in records], dtype=pl.String),
     ).select(EXPORT_SCHEMA.names())
     context.log.info(f"{len(records)} record(s) exported to {root}")
-    return dg.Output(index, metadata=frame_metadata(
+    yield dg.Output(index, metadata=frame_metadata(
         index, ["id", "image", "prompt", "caption"], export_dir=dg.MetadataValue.path(root),
         counts=manifest["counts"], models=manifest["models"],
         **({"model_note": manifest["note"]} if "note" in manifest else {})))
+    yield from checks.evaluate(DATASET_CHECKS, {"": {"synthvlm_dataset": index}}, quality_gates)
 
 
 @dg.asset_check(asset="synthvlm_dataset", name="records_resolve", blocking=True,
@@ -580,31 +634,5 @@ def synthvlm_dataset_records_resolve(context: dg.AssetCheckExecutionContext,
 
 synthvlm_assets = [synthvlm_candidates, synthetic_images, image_scores, synthvlm_selection,
                    synthvlm_dataset]
-synthvlm_checks = [
-    *standard_checks("synthvlm_candidates", schema=logic.CANDIDATE_SCHEMA, id_column="caption_id",
-                     required=["caption_id", "caption", "caption_quality"]),
-    *standard_checks("synthetic_images", schema=logic.IMAGE_SCHEMA, id_column="image_id",
-                     required=["image_id", "caption_id", "uri", "sha256", "seed"]),
-    synthetic_images_files_decode,
-    *standard_checks("image_scores", schema=logic.SCORE_SCHEMA, id_column="image_id",
-                     required=["image_id", "clipscore", "ssim"]),
-    frame_check("image_scores", "no_nan_scores", lambda df, q: logic.no_nan_scores(df),
-                blocking=True, description="no NaN or missing CLIPScore, cosine or SSIM"),
-    frame_check("image_scores", "score_ranges",
-                lambda df, q: logic.score_ranges(df, q.synthvlm_min_median_clipscore),
-                blocking=True, description="cosine and SSIM in [-1, 1], CLIPScore in [0, w], "
-                "median CLIPScore over quality_gates.synthvlm_min_median_clipscore"),
-    image_scores_every_image_scored,
-    *standard_checks("synthvlm_selection", schema=logic.SELECTION_SCHEMA, id_column="image_id",
-                     required=["image_id", "score", "uri"], partitions_def=None),
-    frame_check("synthvlm_selection", "selection_ratio", lambda df, q: logic.selection_ratio(df),
-                blocking=True, partitions_def=None,
-                description="one best image per caption, and as many selected as the configured "
-                "top fraction / top K gives"),
-    frame_check("synthvlm_selection", "no_nan_scores",
-                lambda df, q: logic.no_nan_scores(df, ("clipscore", "ssim", "score")),
-                blocking=True, partitions_def=None, description="no NaN or missing score"),
-    *standard_checks("synthvlm_dataset", schema=EXPORT_SCHEMA, id_column="id",
-                     required=["id", "image", "caption"], partitions_def=None),
-    synthvlm_dataset_records_resolve,
-]
+# The checks that read the stored files back; the others run inside their assets.
+synthvlm_checks = [synthetic_images_files_decode, synthvlm_dataset_records_resolve]

@@ -8,8 +8,8 @@ import dagster as dg
 
 from dagster_project.jobs import unicorn_shard_job
 from tests.support import make_resources
-from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
-from unicorn_assets.expansion import expand_captions, stage1_checks
+from unicorn_assets.caption_seeds import read_caption_seeds
+from unicorn_assets.expansion import expand_captions
 from unicorn_resources.llm import FakeLLM
 
 
@@ -27,5 +27,5 @@ data = Path(os.environ["UNICORN_TEST_DATA"])
 resources = make_resources(data, os.environ["UNICORN_TEST_SEEDS"], llm=SetupCountingLLM(
     setup_log=str(data / "llm_setups.log"), cache_path=str(data / "llm_cache.sqlite")))
 defs = dg.Definitions(assets=[read_caption_seeds, expand_captions],
-                      asset_checks=[*seed_checks, *stage1_checks], jobs=[unicorn_shard_job],
+                      jobs=[unicorn_shard_job],
                       resources=resources, executor=dg.in_process_executor)

@@ -63,12 +63,16 @@ def test_dedup_overhead_memory_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_stage1_and_backends_smoke(tmp_path):
-    """The real llama.cpp and transformers backends on a token budget of a few tokens."""
-    report = run_suite(["stage1", "backends"], tmp_path)
+    """The real llama.cpp and transformers backends on a token budget of a few tokens; a warm
+    re-run that the response cache answers whole, which loads no model."""
+    report = run_suite(["stage1", "backends", "cache_rerun"], tmp_path)
     stage1 = report["benchmarks"]["stage1"]["rows"][0]["details"]
     assert stage1["same_tokens"], "pipeline and bare loop must generate the same tokens"
     backends = report["benchmarks"]["backends"]["rows"][0]["details"]["tokens"]
     assert all(sum(tokens) > 0 for tokens in backends.values())
+    rerun = report["benchmarks"]["cache_rerun"]["rows"][0]["details"]
+    assert rerun["cold_model_loads"] == 1 and rerun["warm_model_loads"] == 0
+    assert rerun["warm_cache_hit_rates"] == [1.0]
 
 
 @pytest.mark.slow

@@ -224,8 +224,10 @@ def test_synthvlm_image_folders_go_through_the_gate(tmp_path: Path, instance):
     context = dg.build_asset_context(partition_key=key, instance=instance)
     candidates = pl.DataFrame(schema=synthvlm_logic.CANDIDATE_SCHEMA)
     with pytest.raises(UnsafeKeyError, match=r"partition key '\.\./caption_seeds'") as err:
-        synthetic_images(context, config=RenderConfig(), diffusion=resources["diffusion"],
-                         io_manager=resources["io_manager"], synthvlm_candidates=candidates)
+        list(synthetic_images(context, config=RenderConfig(), diffusion=resources["diffusion"],
+                              io_manager=resources["io_manager"],
+                              quality_gates=resources["quality_gates"],
+                              synthvlm_candidates=candidates))
     assert isinstance(err.value, dg.Failure) and not err.value.allow_retries
     assert snapshot(tmp_path) == before
 

@@ -18,7 +18,7 @@ from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import LlamaCppLLM
 from unicorn_resources.seed_source import SeedSource
 
-ASSETS = [read_caption_seeds, expand_captions, *seed_checks, *stage1_checks]
+ASSETS = [read_caption_seeds, expand_captions]
 OUTPUTS = ("caption_seeds", "caption_seed_rejects", "expanded_captions",
            "expanded_caption_rejects")
 KEYS = ["shard-a", "shard-b"]

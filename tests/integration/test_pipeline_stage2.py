@@ -18,8 +18,8 @@ from pydantic import PrivateAttr
 from dagster_project.jobs import build_jobs, unicorn_shard_job
 from dagster_project.profiles import ProfileError, build_stage2, job_run_configs, load_profile
 from tests.support import coco_captions, make_resources
-from unicorn_assets.caption_seeds import read_caption_seeds, seed_checks
-from unicorn_assets.expansion import expand_captions, stage1_checks
+from unicorn_assets.caption_seeds import read_caption_seeds
+from unicorn_assets.expansion import expand_captions
 from unicorn_assets.instructions import make_instructions, stage2_checks
 from unicorn_assets.logic.instructions import (
     CONVERSATION,
@@ -39,7 +39,7 @@ from unicorn_resources.llm import ChatRequest, FakeLLM, LlamaCppLLM, SamplingPar
 from unicorn_resources.llm.types import Completion
 
 SHARDS = ["shard-a", "shard-b"]
-STAGE2_CHECKS = {key.name for check in stage2_checks for key in check.check_keys}
+STAGE2_CHECKS = {check.name for check in stage2_checks}
 
 
 class FlakyLLM(FakeLLM):
@@ -63,7 +63,6 @@ def definitions(data: Path, seeds: Path, llm=None, stage2: dict | None = None
     """Stage 0-2 with the job; `stage2`: the profile's stage2 section (none: the paper's)."""
     resources = make_resources(data, seeds, llm=llm, **({"stage2": stage2} if stage2 else {}))
     return dg.Definitions(assets=[read_caption_seeds, expand_captions, make_instructions],
-                          asset_checks=[*seed_checks, *stage1_checks, *stage2_checks],
                           jobs=[unicorn_shard_job], resources=resources)
 
 

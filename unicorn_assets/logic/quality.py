@@ -116,8 +116,16 @@ def per_shard(keys: Sequence[str], frames: Mapping[str, pl.DataFrame],
     averaged away by the others. One shard: the rule's own outcome."""
     if len(keys) <= 1:
         return rule(**frames)
-    outcomes = {key: rule(**{name: frame.filter(pl.col("shard") == key)
-                             for name, frame in frames.items()}) for key in keys}
+    return combine({key: rule(**{name: frame.filter(pl.col("shard") == key)
+                                 for name, frame in frames.items()}) for key in keys})
+
+
+def combine(outcomes: Mapping[str, Outcome]) -> Outcome:
+    """One outcome for a run from each shard's own: passes only if every shard passes, and names
+    the failing ones. One shard: its own outcome."""
+    if len(outcomes) == 1:
+        return next(iter(outcomes.values()))
+    keys = list(outcomes)
     failing = [key for key, outcome in outcomes.items() if not outcome.passed]
     summary = (f"{len(failing)} of {len(keys)} shards fail: " + "; ".join(
         f"{key}: {outcomes[key].description}" for key in failing[:5])) if failing \

@@ -28,7 +28,8 @@ def load_torch_openmp_first() -> None:
 
 
 class LlamaCppLLM(LLMResource):
-    """A GGUF model run by llama.cpp on the CPU. Loaded once per run."""
+    """A GGUF model run by llama.cpp on the CPU. Loaded on the first cache miss of a run, once;
+    a run the response cache answers whole loads nothing."""
 
     model_path: str | None = None  # None: the offline SmolLM2-135M-Instruct GGUF
     n_ctx: int = Field(2048, ge=256, le=131072)
@@ -48,9 +49,6 @@ class LlamaCppLLM(LLMResource):
     @property
     def supports_json_schema(self) -> bool:
         return True
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._load()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._llm is not None:

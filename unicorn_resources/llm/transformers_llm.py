@@ -19,7 +19,8 @@ from unicorn_resources.llm.base import (
 
 
 class TransformersLLM(LLMResource):
-    """A causal LM run by transformers. A `.gguf` path is dequantised on load (needs `gguf`)."""
+    """A causal LM run by transformers. A `.gguf` path is dequantised on load (needs `gguf`).
+    Loaded on the run's first cache miss, once; a run the cache answers whole loads nothing."""
 
     model_path: str | None = None  # HF directory/id or .gguf file; None: the offline SmolLM2 GGUF
     device: str = "auto"  # "auto" picks cuda when present
@@ -39,9 +40,6 @@ class TransformersLLM(LLMResource):
     def model_id(self) -> str:
         path = self.resolved_path
         return f"transformers:{Path(path).name if path.endswith('.gguf') else path}"
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._load()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self._model = self._tokenizer = None

@@ -26,7 +26,8 @@ def import_vllm() -> ModuleType:
 
 
 class VllmLLM(LLMResource):
-    """`vllm.LLM`, created once per run (setup_for_execution) and shut down after it. A call sends
+    """`vllm.LLM`, created at the run's first cache miss (once; a run the response cache answers
+    whole starts no engine) and shut down after the run. A call sends
     its prompts to the engine in `chat` batches of up to `sub_batch_size`, so continuous batching
     does the work, and each batch's completions are in the response cache as soon as it is done;
     each request carries its own seed and, for Stage 2, its JSON schema (structured outputs)."""
@@ -51,9 +52,6 @@ class VllmLLM(LLMResource):
     @property
     def supports_json_schema(self) -> bool:
         return True
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._load()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         engine, self._engine = self._engine, None

@@ -8,11 +8,11 @@ import json
 from collections import Counter
 from typing import Any
 
-import dagster as dg
 import polars as pl
 import pytest
 
 from tests.support import coco_captions
+from unicorn_assets.checks import to_result
 from unicorn_assets.instructions import (
     PAPER_MIX,
     InstructionConfig,
@@ -436,8 +436,7 @@ def test_a_short_completion_list_is_an_error():
 
 # --- each Stage 2 check on hand-built frames ----------------------------------------------------------
 
-CHECKS = {f"{key.asset_key.to_user_string()}:{key.name}": check
-          for check in stage2_checks for key in check.check_keys}
+CHECKS = {f"{check.asset}:{check.name}": check for check in stage2_checks}
 GATES = QualityGates()
 
 
@@ -466,7 +465,11 @@ def rejects(reasons: list[str], attempts: int = 1) -> pl.DataFrame:
 
 
 def check(name: str, **inputs: Any):
-    return CHECKS[name](dg.build_asset_check_context(), quality_gates=GATES, **inputs)
+    """The check's result on one shard's frames: `data` is the checked asset's frame."""
+    rule = CHECKS[name]
+    names = {"data": rule.asset, "rejects": "instruction_rejects", "instructions": "instructions"}
+    frames = {names[key]: frame for key, frame in inputs.items()}
+    return to_result(rule.outcome({"a": frames}, GATES))
 
 
 def test_schema_and_id_checks():

@@ -180,7 +180,7 @@ def test_reference_images(tmp_path: Path):
 
 # --- the Dagster assets ---------------------------------------------------------------------
 
-STAGE3 = [read_caption_seeds, expand_captions, caption_embeddings, *stage3_checks]
+STAGE3 = [read_caption_seeds, expand_captions, caption_embeddings]
 
 
 def failed(result: dg.ExecuteInProcessResult) -> set[str]:
@@ -198,7 +198,7 @@ def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_di
                                               "expanded_caption_rejects", "caption_embeddings")])
         assert result.success and not failed(result)
     corpus = dg.materialize(
-        [*STAGE3, modality_statistics, transferred_embeddings],
+        [*STAGE3, modality_statistics, transferred_embeddings, *stage3_checks],
         selection=[modality_statistics, transferred_embeddings], instance=instance,
         resources=resources, run_config={"ops": {"modality_statistics": {"config": {
             "reference_images": str(COCO_PAIRS.parent)}}}})
