@@ -15,7 +15,7 @@ from tests.support import Pipeline, failed_checks
 from unicorn_assets.logic import exports as export
 from unicorn_assets.logic import modality
 from unicorn_assets.logic.modality import ModalityStatistics
-from unicorn_assets.logic.text import stable_id
+from unicorn_assets.logic.text import caption_sha256_series, stable_id
 
 
 @pytest.fixture
@@ -48,6 +48,7 @@ def test_the_pipeline_exports_files_of_the_umask_mode(tmp_path: Path, instance, 
 def test_export_files_follow_another_umask(tmp_path: Path, umask):
     frame = pl.DataFrame({"caption_id": [stable_id("c", i) for i in range(4)],
                           "shard": ["a"] * 4, "caption": [f"A red kite number {i}." for i in range(4)]})
+    frame = frame.with_columns(caption_sha256=caption_sha256_series(frame["caption"]))
     vectors = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
     embedded = modality.caption_embeddings_frame(frame, vectors, "clip")
     summary = modality.summarise(embedded)

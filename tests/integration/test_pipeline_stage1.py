@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import polars as pl
 import pytest
 
@@ -17,6 +16,7 @@ from unicorn_assets.expansion import UNTRAINED_NOTE, expand_captions, stage1_che
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import LlamaCppLLM
 from unicorn_resources.seed_source import SeedSource
+from unicorn_resources.storage import Catalog
 
 ASSETS = [read_caption_seeds, expand_captions]
 OUTPUTS = ("caption_seeds", "caption_seed_rejects", "expanded_captions",
@@ -104,7 +104,7 @@ def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, inst
     assert seeds_meta["sample"].value.startswith("| seed_id ")
 
     # the catalog answers without Dagster
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    with Catalog(str(data / "catalog.duckdb")).connect() as con:
         total = con.execute("select count(*), count(distinct shard) from expanded_captions")
         assert total.fetchone() == (sum(pl.read_parquet(data / "expanded_captions" /
                                                         f"{k}.parquet").height for k in KEYS), 2)
