@@ -24,12 +24,9 @@ from unicorn_assets.logic.caption_seeds import (
 )
 from unicorn_assets.logic.prompts import load_lines
 from unicorn_assets.metadata import (
-    KINDS,
-    OWNERS,
     add_shard_metadata,
-    described_columns,
     frame_metadata,
-    stage_tags,
+    table_out,
 )
 from unicorn_assets.partitions import SEED_BACKFILL, seed_shards
 from unicorn_assets.sharding import fail_some_shards
@@ -91,14 +88,13 @@ seed_checks: list[Check] = [
 
 @dg.multi_asset(
     outs={
-        "caption_seeds": dg.AssetOut(
-            description="Seed captions of one shard: whitespace-normalised, ids filled, label seeds "
+        "caption_seeds": table_out(
+            "Seed captions of one shard: whitespace-normalised, ids filled, label seeds "
             "expanded into templates, empty and duplicate captions removed.",
-            kinds=KINDS, owners=OWNERS, tags=stage_tags("seeds"), code_version=SEEDS_VERSION,
-            metadata=described_columns(SEED_SCHEMA, SEED_COLUMNS)),
-        "caption_seed_rejects": dg.AssetOut(
-            description="Every seed line that did not become a seed, with file, line and reason.",
-            kinds=KINDS, owners=OWNERS, tags=stage_tags("seeds"), code_version=SEEDS_VERSION),
+            "seeds", SEEDS_VERSION, (SEED_SCHEMA, SEED_COLUMNS)),
+        "caption_seed_rejects": table_out(
+            "Every seed line that did not become a seed, with file, line and reason.",
+            "seeds", SEEDS_VERSION),
     },
     check_specs=check_specs(seed_checks),
     partitions_def=seed_shards,

@@ -8,7 +8,7 @@ checksums) stay separate steps that read what was written: see exports.py."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -81,6 +81,15 @@ def frame_check(asset: str, name: str, rule: Callable[[pl.DataFrame, QualityGate
     """A check whose rule reads only the asset's own frame."""
     return Check(asset, name, lambda frames, gates: rule(frames[asset], gates), blocking,
                  description)
+
+
+def known_reasons_check(asset: str, reasons: Collection[str], what: str) -> Check:
+    """Every reject row names one of `reasons` (`what`: the filters or rules that reject)."""
+    return frame_check(asset, "known_reasons",
+                       lambda df, q: quality.Outcome(
+                           df.filter(~pl.col("reason").is_in(list(reasons))).height == 0,
+                           f"every reject reason is a known {what}"),
+                       blocking=False, description=f"every reject names one of the known {what}s")
 
 
 def standard_checks(asset: str, *, schema: pl.Schema, id_column: str | None,

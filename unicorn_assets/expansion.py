@@ -11,6 +11,7 @@ from unicorn_assets.checks import (
     check_specs,
     evaluate,
     frame_check,
+    known_reasons_check,
     reject_rate_check,
     standard_checks,
 )
@@ -27,12 +28,9 @@ from unicorn_assets.logic.expansion import (
 )
 from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_assets.metadata import (
-    KINDS,
-    OWNERS,
     add_shard_metadata,
-    described_columns,
     frame_metadata,
-    stage_tags,
+    table_out,
 )
 from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
@@ -138,24 +136,19 @@ stage1_checks = [
                 "exact shingle Jaccard on a sample (independent of the MinHash filter)"),
     *standard_checks("expanded_caption_rejects", schema=CAPTION_REJECT_SCHEMA, id_column=None,
                      required=["caption_id", "reason"], non_empty=False),
-    frame_check("expanded_caption_rejects", "known_reasons",
-                lambda df, q: quality.Outcome(
-                    df.filter(~pl.col("reason").is_in(list(REJECT_REASONS))).height == 0,
-                    "every reject reason is a known filter"),
-                blocking=False, description="every reject names one of the known filters"),
+    known_reasons_check("expanded_caption_rejects", REJECT_REASONS, "filter"),
 ]
 
 
 @dg.multi_asset(
     outs={
-        "expanded_captions": dg.AssetOut(
-            description="Detailed captions expanded from the seeds by the LLM (K per seed), "
-            "filtered and de-duplicated, with full lineage.", kinds=KINDS, owners=OWNERS,
-            tags=stage_tags("1"), code_version=CAPTION_ID_VERSION,
-            metadata=described_columns(CAPTION_SCHEMA, CAPTION_COLUMNS)),
-        "expanded_caption_rejects": dg.AssetOut(
-            description="Expanded captions the filters removed, each with its reason.",
-            kinds=KINDS, owners=OWNERS, tags=stage_tags("1"), code_version=CAPTION_ID_VERSION),
+        "expanded_captions": table_out(
+            "Detailed captions expanded from the seeds by the LLM (K per seed), "
+            "filtered and de-duplicated, with full lineage.",
+            "1", CAPTION_ID_VERSION, (CAPTION_SCHEMA, CAPTION_COLUMNS)),
+        "expanded_caption_rejects": table_out(
+            "Expanded captions the filters removed, each with its reason.",
+            "1", CAPTION_ID_VERSION),
     },
     check_specs=check_specs(stage1_checks),
     partitions_def=seed_shards,

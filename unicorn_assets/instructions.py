@@ -15,6 +15,7 @@ from unicorn_assets.checks import (
     check_specs,
     evaluate,
     frame_check,
+    known_reasons_check,
     reject_rate_check,
     standard_checks,
 )
@@ -37,13 +38,10 @@ from unicorn_assets.logic.instructions import (
     well_formed,
 )
 from unicorn_assets.metadata import (
-    KINDS,
-    OWNERS,
     add_shard_metadata,
-    described_columns,
     frame_metadata,
     markdown_table,
-    stage_tags,
+    table_out,
 )
 from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
@@ -225,25 +223,20 @@ stage2_checks = [
                 blocking=True, description="turns alternate human/gpt in pairs; no empty turn"),
     *standard_checks("instruction_rejects", schema=INSTRUCTION_REJECT_SCHEMA, id_column=None,
                      required=["caption_id", "reason", "detail"], non_empty=False),
-    frame_check("instruction_rejects", "known_reasons",
-                lambda df, q: quality.Outcome(
-                    df.filter(~pl.col("reason").is_in(list(REJECT_REASONS))).height == 0,
-                    "every reject reason is a known rule"),
-                blocking=False, description="every reject names one of the known rules"),
+    known_reasons_check("instruction_rejects", REJECT_REASONS, "rule"),
 ]
 
 
 @dg.multi_asset(
     outs={
-        "instructions": dg.AssetOut(
-            description="One LLaVA/Bunny conversation per caption (multiple choice, question "
+        "instructions": table_out(
+            "One LLaVA/Bunny conversation per caption (multiple choice, question "
             "answering, complex reasoning or multi-turn), validated, with full lineage.",
-            kinds=KINDS, owners=OWNERS, tags=stage_tags("2"), code_version=INSTRUCTIONS_VERSION,
-            metadata=described_columns(INSTRUCTION_SCHEMA, INSTRUCTION_COLUMNS)),
-        "instruction_rejects": dg.AssetOut(
-            description="Captions whose conversation stayed invalid after every attempt, each "
-            "with its reason, detail and last raw output.", kinds=KINDS, owners=OWNERS,
-            tags=stage_tags("2"), code_version=INSTRUCTIONS_VERSION),
+            "2", INSTRUCTIONS_VERSION, (INSTRUCTION_SCHEMA, INSTRUCTION_COLUMNS)),
+        "instruction_rejects": table_out(
+            "Captions whose conversation stayed invalid after every attempt, each "
+            "with its reason, detail and last raw output.",
+            "2", INSTRUCTIONS_VERSION),
     },
     check_specs=check_specs(stage2_checks),
     partitions_def=seed_shards,

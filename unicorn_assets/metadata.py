@@ -30,6 +30,17 @@ def stage_tags(stage: str) -> dict[str, str]:
     return {"stage": stage}
 
 
+def table_out(description: str, stage: str, version: str,
+              columns: tuple[pl.Schema | Mapping[str, Any], Mapping[str, str]] | None = None
+              ) -> dg.AssetOut:
+    """An output table of a stage's multi-asset, with what every table of ours carries: owners,
+    kinds, the stage tag, the code version and, for the main tables, `columns` = (schema, the
+    description of each column)."""
+    return dg.AssetOut(description=description, kinds=KINDS, owners=OWNERS,
+                       tags=stage_tags(stage), code_version=version,
+                       metadata=described_columns(*columns) if columns else None)
+
+
 def table_schema(schema: pl.Schema | Mapping[str, Any],
                  docs: Mapping[str, str] | None = None) -> dg.TableSchema:
     docs = docs or {}
