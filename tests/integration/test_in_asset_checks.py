@@ -1,5 +1,6 @@
 """Checks run inside their assets: a failed blocking check fails its asset's step (after the
-asset is written), so the steps downstream of that shard do not run, and the step is not retried."""
+asset is written), so the steps downstream of that shard do not run, and the step is not retried.
+The seeds' own gates (no seed left, too many malformed lines) fail the shard inside the step."""
 
 from pathlib import Path
 
@@ -26,18 +27,23 @@ def test_a_failed_blocking_check_stops_the_downstream_steps_of_that_shard(tmp_pa
     assert all(e.asset_check_evaluation_data.partition == "good" for e in good.all_events
                if e.event_type_value == "ASSET_CHECK_EVALUATION")
 
+    # a shard with no seed fails the seeds gate inside the step (the blocking checks' rule, judged
+    # per shard): nothing downstream of it runs, and only its rejects are stored, to say why
     (pipeline.seeds / "empty.jsonl").write_text("")  # a seed file with no line
     instance.add_dynamic_partitions(SEED_SHARDS, ["empty"])
     bad = pipeline.defs.resolve_job_def("unicorn_shard_job").execute_in_process(
         instance=instance, partition_key="empty", raise_on_error=False)
     assert not bad.success
-    assert "caption_seeds:non_empty" in failed_checks(bad)
     assert step_events(bad, "STEP_FAILURE") == ["read_caption_seeds"]
     assert step_events(bad, "STEP_START") == ["read_caption_seeds"]  # nothing downstream ran
-    # the shard's seeds and rejects are written (to inspect), nothing downstream is
-    written = {(e.materialization.asset_key.to_user_string(), e.materialization.partition)
-               for e in bad.get_asset_materialization_events()}
-    assert written == {("caption_seeds", "empty"), ("caption_seed_rejects", "empty")}
+    (failure,) = bad.get_step_failure_events()
+    assert "- empty: " in failure.step_failure_data.error.message
+    assert "no seed is left" in failure.step_failure_data.error.message
+    recorded = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey("caption_seed_rejects"), asset_partitions=["empty"]), limit=1)
+    assert recorded.records and recorded.records[0].run_id == bad.run_id
+    assert (pipeline.data / "caption_seed_rejects" / "empty.parquet").exists()
+    assert not (pipeline.data / "caption_seeds" / "empty.parquet").exists()
     assert not (pipeline.data / "expanded_captions" / "empty.parquet").exists()
     assert (pipeline.data / "expanded_captions" / "good.parquet").exists()
 
