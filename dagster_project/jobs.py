@@ -6,12 +6,20 @@ default config; the module-level jobs carry none.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
 from unicorn_assets.partitions import seed_shards
+
+# The shard job holds the seeds (backfill runs of up to 32 shards) and the model stages (up to
+# 8): by design, since a backfill reads seeds in runs of their own (unicorn_assets/partitions.py).
+# A run of the job itself takes the smaller policy, which is right; Dagster warns of it on
+# every resolution, which would fill each command's screen.
+warnings.filterwarnings("ignore", message=r"Asset job \w+ materializes assets with varying "
+                        r"BackfillPolicies", category=UserWarning)
 
 SHARD_GROUPS = ["unicorn_seeds", "unicorn_stage1", "unicorn_stage2", "unicorn_stage3"]
 CORPUS_GROUPS = ["unicorn_corpus"]
