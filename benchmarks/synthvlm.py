@@ -69,6 +69,7 @@ def child(folder: Path, n: int, resolution: int) -> None:
     )
     from unicorn_resources.diffusion import DiffusionResource
     from unicorn_resources.llm import FakeLLM
+    from unicorn_resources.quality_gates import QualityGates
     from unicorn_resources.storage import ParquetIOManager
 
     class NoiseRenderer(DiffusionResource):
@@ -108,7 +109,8 @@ def child(folder: Path, n: int, resolution: int) -> None:
         "judgement": "yes"}, schema=logic.CANDIDATE_SCHEMA,
     ).write_parquet(data / "synthvlm_candidates" / f"{SHARD}.parquet")
     io = ParquetIOManager(base_uri=str(data))
-    resources = {"io_manager": io, "diffusion": NoiseRenderer(side=resolution), "llm": FakeLLM()}
+    resources = {"io_manager": io, "diffusion": NoiseRenderer(side=resolution), "llm": FakeLLM(),
+                 "quality_gates": QualityGates()}
     (folder / "home").mkdir()
     with dg.DagsterInstance.from_config(str(folder / "home")) as instance:
         instance.add_dynamic_partitions(SEED_SHARDS, [SHARD])

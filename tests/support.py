@@ -152,3 +152,13 @@ class Pipeline:
 
     def rows(self, asset: str) -> int:
         return pl.scan_parquet(str(self.data / asset / "*.parquet")).select(pl.len()).collect().item()
+
+
+def failed_only_on_checks(result: dg.ExecuteInProcessResult) -> bool:
+    """The run succeeded, or its only failures are blocking checks run inside their assets (the
+    assets were written first): for tests about the model or the backend, not the data, whose
+    tiny or truncated outputs fail the caption gates."""
+    failures = result.get_step_failure_events()
+    return result.success or (bool(failures) and all(
+        "DagsterAssetCheckFailedError" in (f.step_failure_data.error.cls_name or "")
+        for f in failures))

@@ -72,6 +72,10 @@ class LlamaCppLLM(LLMResource):
             kwargs: dict[str, Any] = {}
             if request.json_schema is not None:
                 kwargs["response_format"] = {"type": "json_object", "schema": request.json_schema}
+            # Start from an empty KV cache: reusing the previous prompt's prefix evaluates the
+            # prompt in other batches, and on some CPU builds that changes the logits enough to
+            # change a sampled text. A completion then depends on its request and seed alone.
+            llm.reset()
             response = llm.create_chat_completion(
                 messages=request.message_dicts(), temperature=params.temperature,
                 top_p=params.top_p, max_tokens=params.max_tokens,

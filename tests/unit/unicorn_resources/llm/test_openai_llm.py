@@ -20,7 +20,13 @@ from typing import Self
 import dagster as dg
 import pytest
 
-from tests.support import coco_captions, make_resources, materialize_shard, write_jsonl
+from tests.support import (
+    coco_captions,
+    failed_only_on_checks,
+    make_resources,
+    materialize_shard,
+    write_jsonl,
+)
 from unicorn_resources.llm import (
     ChatRequest,
     GenerationError,
@@ -382,8 +388,9 @@ def test_real_server_stage1_run_takes_the_key_from_env_and_never_records_it(
     write_jsonl(seeds / "shard-k.jsonl", coco_captions(2))
     resources = make_resources(tmp_path / "data", seeds, llm=real_llm(shared_llama_server,
                                                                      max_in_flight=2))
-    result = materialize_shard(instance, resources, "shard-k", run_config=SHORT_RUN)
-    assert result.success
+    result = materialize_shard(instance, resources, "shard-k", run_config=SHORT_RUN,
+                               raise_on_error=False)
+    assert failed_only_on_checks(result)  # 16-token captions fail the caption gates
     [mat] = [m for m in result.asset_materializations_for_node("expand_captions")
              if m.asset_key.path == ["expanded_captions"]]
     assert mat.metadata["llm_requests"].value == 4
@@ -423,11 +430,12 @@ def test_server_killed_mid_run_writes_no_partition_and_the_retry_reuses_the_cach
         llm = OpenAILLM(model="smollm2", base_urls=[server.url], max_in_flight=2, max_retries=1,
                         structured_output="json_object", repeat_penalty_param="repeat_penalty")
         resources = make_resources(tmp_path / "data", seeds, llm=llm)
-        result = materialize_shard(instance, resources, "shard-x", run_config=SHORT_RUN)
+        result = materialize_shard(instance, resources, "shard-x", run_config=SHORT_RUN,
+                                   raise_on_error=False)
 
     assert "server unreachable after 1 retries" in seen["failure"]
     assert seen["partition_written"] is False
-    assert result.success and captions.is_file()
+    assert failed_only_on_checks(result) and captions.is_file()
     [mat] = [m for m in result.asset_materializations_for_node("expand_captions")
              if m.asset_key.path == ["expanded_captions"]]
     requests, hits = mat.metadata["llm_requests"].value, mat.metadata["cache_hits"].value
