@@ -24,6 +24,9 @@ class CountingLlama:
     def __init__(self, **kwargs):
         type(self).loads += 1
 
+    def reset(self):  # llama_cpp.Llama.reset: empty the KV cache
+        pass
+
     def create_chat_completion(self, messages, seed=None, **kwargs):
         rng = random.Random(f"{seed}|{messages}")
         text = "The scene shows " + " ".join(rng.choice(WORDS) for _ in range(40)) + "."
