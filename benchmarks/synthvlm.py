@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +54,9 @@ def child(folder: Path, n: int, resolution: int) -> None:
     import time
 
     import dagster as dg
-    import numpy as np
     import polars as pl
-    from PIL import Image
 
+    from tests.support import NoiseDiffusion
     from unicorn_assets.logic import synthvlm as logic
     from unicorn_assets.partitions import SEED_SHARDS, seed_shards
     from unicorn_assets.synthvlm import (
@@ -67,32 +65,9 @@ def child(folder: Path, n: int, resolution: int) -> None:
         synthvlm_dataset,
         synthvlm_dataset_records_resolve,
     )
-    from unicorn_resources.diffusion import DiffusionResource
     from unicorn_resources.llm import FakeLLM
     from unicorn_resources.quality_gates import QualityGates
     from unicorn_resources.storage import ParquetIOManager
-
-    class NoiseRenderer(DiffusionResource):
-        side: int = 1024
-
-        @property
-        def model_id(self) -> str:
-            return "noise-stand-in"
-
-        @property
-        def is_pretrained(self) -> bool:
-            return False
-
-        @property
-        def image_size(self) -> int:
-            return self.side
-
-        def settings(self) -> dict[str, Any]:
-            return {"resolution": self.side}
-
-        def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-            return [Image.fromarray(np.random.default_rng(seed).integers(
-                0, 256, (self.side, self.side, 3), np.uint8)) for seed in seeds]
 
     started = time.perf_counter()
     candidates = dg.AssetSpec("synthvlm_candidates", partitions_def=seed_shards)
@@ -109,8 +84,8 @@ def child(folder: Path, n: int, resolution: int) -> None:
         "judgement": "yes"}, schema=logic.CANDIDATE_SCHEMA,
     ).write_parquet(data / "synthvlm_candidates" / f"{SHARD}.parquet")
     io = ParquetIOManager(base_uri=str(data))
-    resources = {"io_manager": io, "diffusion": NoiseRenderer(side=resolution), "llm": FakeLLM(),
-                 "quality_gates": QualityGates()}
+    resources = {"io_manager": io, "diffusion": NoiseDiffusion(resolution=resolution),
+                 "llm": FakeLLM(), "quality_gates": QualityGates()}
     (folder / "home").mkdir()
     with dg.DagsterInstance.from_config(str(folder / "home")) as instance:
         instance.add_dynamic_partitions(SEED_SHARDS, [SHARD])

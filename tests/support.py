@@ -6,12 +6,15 @@ their captions through this module too."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import polars as pl
 import pytest
+from PIL import Image
 
 from dagster_project.automation import SensorSettings, build_new_shard_sensor
 from dagster_project.definitions import ASSET_CHECKS, ASSETS
@@ -20,6 +23,7 @@ from dagster_project.profiles import build_resources
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.partitions import SEED_SHARDS
+from unicorn_resources.diffusion import DiffusionResource
 from unicorn_resources.llm import FakeLLM, LLMResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +166,43 @@ def failed_only_on_checks(result: dg.ExecuteInProcessResult) -> bool:
     return result.success or (bool(failures) and all(
         "DagsterAssetCheckFailedError" in (f.step_failure_data.error.cls_name or "")
         for f in failures))
+
+
+# --- a stand-in SDXL for the SynthVLM tests and the memory benchmark ------------------------------
+
+NOISE_RENDER_CALLS: list[list[int]] = []  # the seeds of every render call made in this process
+
+
+def noise_picture(seed: int, shade: int, size: int) -> Image.Image:
+    pixels = np.random.default_rng([seed, shade]).integers(0, 256, (size, size, 3), np.uint8)
+    return Image.fromarray(pixels)
+
+
+class NoiseDiffusion(DiffusionResource):
+    """Seeded noise pictures; from render call `fail_from_call` on, every call fails."""
+
+    resolution: int = 40
+    shade: int = 0  # a render setting: another shade is another picture for every seed
+    fail_from_call: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return "noise-stand-in"
+
+    @property
+    def is_pretrained(self) -> bool:
+        return False
+
+    @property
+    def image_size(self) -> int:
+        return self.resolution
+
+    def settings(self) -> dict[str, Any]:
+        return {"resolution": self.resolution, "shade": self.shade}
+
+    def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        NOISE_RENDER_CALLS.append(list(seeds))
+        if self.fail_from_call and len(NOISE_RENDER_CALLS) >= self.fail_from_call:
+            # not retried by the asset's retry policy: the test re-runs by itself
+            raise dg.Failure("the GPU went away", allow_retries=False)
+        return [noise_picture(seed, self.shade, self.resolution) for seed in seeds]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tracemalloc
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from PIL import Image
 
-from tests.support import make_resources
+from tests.support import NOISE_RENDER_CALLS as CALLS
+from tests.support import NoiseDiffusion, make_resources, noise_picture
 from unicorn_assets.logic import synthvlm as logic
 from unicorn_assets.logic.images import encode_image
 from unicorn_assets.partitions import SEED_SHARDS, seed_shards
@@ -29,49 +28,12 @@ from unicorn_assets.synthvlm import (
     synthetic_images,
     synthvlm_dataset,
 )
-from unicorn_resources.diffusion import DiffusionResource
 from unicorn_resources.quality_gates import QualityGates
 from unicorn_resources.storage import ParquetIOManager, S3Options, write_bytes
 
 SHARD = "shard-a"
 # stored as the upstream asset stores it; only synthetic_images runs
 CANDIDATES = dg.AssetSpec("synthvlm_candidates", partitions_def=seed_shards)
-CALLS: list[list[int]] = []  # the seeds of every render call made in this process
-
-
-def picture(seed: int, shade: int, size: int) -> Image.Image:
-    pixels = np.random.default_rng([seed, shade]).integers(0, 256, (size, size, 3), np.uint8)
-    return Image.fromarray(pixels)
-
-
-class NoiseDiffusion(DiffusionResource):
-    """Seeded noise pictures; from render call `fail_from_call` on, every call fails."""
-
-    resolution: int = 40
-    shade: int = 0  # a render setting: another shade is another picture for every seed
-    fail_from_call: int = 0
-
-    @property
-    def model_id(self) -> str:
-        return "noise-stand-in"
-
-    @property
-    def is_pretrained(self) -> bool:
-        return False
-
-    @property
-    def image_size(self) -> int:
-        return self.resolution
-
-    def settings(self) -> dict[str, Any]:
-        return {"resolution": self.resolution, "shade": self.shade}
-
-    def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        CALLS.append(list(seeds))
-        if self.fail_from_call and len(CALLS) >= self.fail_from_call:
-            # not retried by the asset's retry policy: the test re-runs by itself
-            raise dg.Failure("the GPU went away", allow_retries=False)
-        return [picture(seed, self.shade, self.resolution) for seed in seeds]
 
 
 def candidates(n: int) -> pl.DataFrame:
@@ -123,7 +85,8 @@ def test_a_crash_keeps_the_finished_images_and_a_rerun_renders_only_the_rest(sha
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{i}.png" for i in finished["image_id"]] + ["stray.png"])  # no partial file either
     for image_id, seed in finished.select("image_id", "seed").iter_rows():
-        assert (folder / f"{image_id}.png").read_bytes() == encode_image(picture(seed, 0, 40), "png")
+        expected = encode_image(noise_picture(seed, 0, 40), "png")
+        assert (folder / f"{image_id}.png").read_bytes() == expected
     assert not (shard["data"] / "synthetic_images" / f"{SHARD}.parquet").exists()
 
     again = render(shard)
@@ -133,7 +96,7 @@ def test_a_crash_keeps_the_finished_images_and_a_rerun_renders_only_the_rest(sha
     table = pl.read_parquet(shard["data"] / "synthetic_images" / f"{SHARD}.parquet")
     assert table["image_id"].to_list() == plan["image_id"].to_list()
     for uri, seed, digest, n_bytes in table.select("uri", "seed", "sha256", "n_bytes").iter_rows():
-        data = encode_image(picture(seed, 0, 40), "png")
+        data = encode_image(noise_picture(seed, 0, 40), "png")
         assert Path(uri).read_bytes() == data
         assert (digest, n_bytes) == (hashlib.sha256(data).hexdigest(), len(data))
     # the orphan goes once every image of the render is written
@@ -152,7 +115,7 @@ def test_a_crash_keeps_the_finished_images_and_a_rerun_renders_only_the_rest(sha
     assert reshaded.success
     assert sorted(s for call in CALLS for s in call) == sorted(plan["seed"])
     assert image_meta(reshaded)["images_reused"] == 0
-    assert victim.read_bytes() == encode_image(picture(table["seed"][1], 1, 40), "png")
+    assert victim.read_bytes() == encode_image(noise_picture(table["seed"][1], 1, 40), "png")
 
 
 def test_reuse_can_be_switched_off(shard):
