@@ -43,7 +43,7 @@ from unicorn_assets.metadata import (
     markdown_table,
     table_out,
 )
-from unicorn_assets.partitions import SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import MODEL_RETRY, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.quality_gates import QualityGates
@@ -243,7 +243,7 @@ stage2_checks = [
     group_name="unicorn_stage2",
     backfill_policy=SHARD_BACKFILL,
     pool="gpu",
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+    retry_policy=MODEL_RETRY,
 )
 def make_instructions(context: dg.AssetExecutionContext, config: InstructionConfig,
                       stage2: InstructionDefaults, llm: LLMResource, quality_gates: QualityGates,

@@ -35,7 +35,7 @@ from unicorn_assets.metadata import (
     stage_tags,
     table_schema,
 )
-from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import GPU_OP_TAGS, MODEL_RETRY, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.quality_gates import QualityGates
@@ -45,7 +45,6 @@ warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of functi
 
 CORPUS_GROUP = "unicorn_corpus"
 IMAGE_CHUNK = 256  # reference images opened at a time
-MODEL_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def clip_metadata(clip: ClipResource) -> dict:

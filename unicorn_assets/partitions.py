@@ -21,3 +21,7 @@ GPU_OP_TAGS = {"dagster-k8s/config": {
     "pod_spec_config": {"tolerations": [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
 }}
+
+# Steps that call a model retry a failed call (a lost server, a CUDA error) twice, backing off
+# from 10 s; a failed check or a refused key is raised as not retryable.
+MODEL_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)

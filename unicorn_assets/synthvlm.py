@@ -33,7 +33,7 @@ from unicorn_assets.metadata import (
     markdown_table,
     stage_tags,
 )
-from unicorn_assets.partitions import GPU_OP_TAGS, SHARD_BACKFILL, seed_shards
+from unicorn_assets.partitions import GPU_OP_TAGS, MODEL_RETRY, SHARD_BACKFILL, seed_shards
 from unicorn_assets.sharding import split_by_shard
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 from unicorn_resources.diffusion import UNTRAINED_NOTE, DiffusionResource
@@ -53,7 +53,6 @@ from unicorn_resources.storage import (
 GROUP = "synthvlm"
 # Files (images, exports) go under the IO manager's storage base, local or s3://.
 Storage = dg.ResourceParam[ParquetIOManager]
-MODEL_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 EXPORT_SCHEMA = pl.Schema({"id": pl.String, "image": pl.String, "caption": pl.String,
                            "prompt": pl.String, "shard": pl.String, "score": pl.Float64,
                            "sha256": pl.String})
