@@ -5,8 +5,10 @@ from collections.abc import Iterator
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from unicorn_assets.checks import (
+    Check,
     by_shard,
     check_specs,
     evaluate,
@@ -23,6 +25,7 @@ from unicorn_assets.logic.expansion import (
     CaptionFilters,
     assemble_captions,
     filter_captions,
+    length_finish_share,
     plan_expansions,
     reject_counts,
 )
@@ -46,12 +49,17 @@ UNTRAINED_NOTE = "stand-in model: its text is meaningless, for tests and overhea
 
 class ExpansionConfig(dg.Config):
     prompt: str = "stage1_expand"
-    prompt_version: str = "v1"
-    styles: list[str] = ["objects", "attributes", "spatial", "lighting", "background"]
-    expansions_per_seed: int = 2
+    # v2: the paper's single main-subject prompt; v1: the style-focus prompt made before
+    prompt_version: str = "v2"
+    # Opt-in (ours): K distinct style focuses per seed (objects, attributes, spatial, lighting,
+    # background). Empty, as in the paper: one expansion per seed, the main-subject prompt alone.
+    styles: list[str] = Field(default_factory=list)
+    expansions_per_seed: int = Field(1, ge=1, le=100)
     temperature: float = 0.7
     top_p: float = 0.95
-    max_tokens: int = 160
+    # Ours, for real models: the paper's captions average 129 words (about 170 tokens), so a
+    # budget of 160 cut 18% of them; 384 leaves the length distribution unclipped at its mean.
+    max_tokens: int = Field(384, ge=1, le=32768)
     repeat_penalty: float = 1.1
     sampling_seed: int = 1234
     min_words: int = 15
@@ -103,7 +111,8 @@ CAPTION_COLUMNS = {
     "caption": "the expanded caption: the LLM's text, whitespace-normalised, quotes stripped",
     "caption_sha256": "SHA-256 of the caption text: the key that pairs embeddings, instructions "
                       "and exports with this caption",
-    "style": "the expansion style asked for (objects, attributes, spatial, lighting, background)",
+    "style": "the expansion style asked for: main_subject (the prompt alone, the default) or an "
+             "opt-in focus (objects, attributes, spatial, lighting, background)",
     "expansion_index": "which of the seed's K expansions this is (0-based)",
     "model_id": "the LLM that wrote it (backend:model)",
     "prompt_version": "the prompt set and its version (prompts/<name>/<version>)",
@@ -112,15 +121,34 @@ CAPTION_COLUMNS = {
     "sampling_seed": "the request's sampling seed",
     "prompt_tokens": "tokens in the prompt",
     "completion_tokens": "tokens the model generated",
-    "finish_reason": "why generation stopped (stop, length)",
+    "finish_reason": "why generation stopped: stop, or length (hit max_tokens; the caption was "
+                     "trimmed to its last sentence)",
     "n_words": "words in the caption",
 }
+
+def length_finish_outcome(frames, gates: QualityGates) -> quality.Outcome:
+    share, generated = length_finish_share(frames["expanded_captions"],
+                                           frames["expanded_caption_rejects"])
+    ok = share <= gates.caption_max_length_finish_rate
+    return quality.Outcome(
+        ok, f"{share:.1%} of {generated} expansions stopped at max_tokens (finish_reason "
+        f"'length'; max {gates.caption_max_length_finish_rate:.0%})" + (
+            "" if ok else ": raise max_tokens of expand_captions' config, so that the length "
+            "distribution is not cut"),
+        {"length_finish_rate": share, "generated": generated})
+
+
+expanded_captions_length_finish = Check(
+    "expanded_captions", "length_finish_rate", length_finish_outcome, blocking=False,
+    description="share of expansions (kept and rejected, from their stored finish_reason) that "
+    "hit the token budget, under quality_gates.caption_max_length_finish_rate")
 
 stage1_checks = [
     *standard_checks("expanded_captions", schema=CAPTION_SCHEMA, id_column="caption_id",
                      required=["caption_id", "seed_id", "caption", "caption_sha256", "model_id",
                                "prompt_version"]),
     expanded_captions_reject_rate,
+    expanded_captions_length_finish,
     frame_check("expanded_captions", "caption_length",
                 lambda df, q: quality.length_distribution(
                     df["n_words"], q.caption_min_median_words, q.caption_max_median_words,
@@ -143,7 +171,8 @@ stage1_checks = [
 @dg.multi_asset(
     outs={
         "expanded_captions": table_out(
-            "Detailed captions expanded from the seeds by the LLM (K per seed), "
+            "Detailed captions expanded from the seeds by the LLM (one per seed, or K "
+            "with style focuses), "
             "filtered and de-duplicated, with full lineage.",
             "1", CAPTION_ID_VERSION, (CAPTION_SCHEMA, CAPTION_COLUMNS)),
         "expanded_caption_rejects": table_out(

@@ -16,6 +16,8 @@ class QualityGates(dg.ConfigurableResource):
     caption_max_p95_words: float = Field(300, ge=0, le=100000)
     max_near_duplicate_rate: float = Field(0.02, ge=0, le=1)
     near_duplicate_threshold: float = Field(0.85, ge=0, le=1)
+    # Stage 1: share of expansions that hit max_tokens (finish_reason "length"); non-blocking
+    caption_max_length_finish_rate: float = Field(0.05, ge=0, le=1)
     # Stage 2 instructions
     instruction_max_reject_rate: float = Field(0.9, ge=0, le=1)
     # share of attempts that gave schema-valid JSON

@@ -12,9 +12,14 @@ import pytest
 from dagster_project.profiles import load_profile
 from tests.support import make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds, read_shard, seed_checks
-from unicorn_assets.expansion import UNTRAINED_NOTE, expand_captions, stage1_checks
+from unicorn_assets.expansion import (
+    UNTRAINED_NOTE,
+    ExpansionConfig,
+    expand_captions,
+    stage1_checks,
+)
 from unicorn_assets.partitions import SEED_SHARDS
-from unicorn_resources.llm import LlamaCppLLM
+from unicorn_resources.llm import Completion, FakeLLM, LlamaCppLLM
 from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import Catalog
 
@@ -42,7 +47,9 @@ def stage1_metadata(instance, key: str) -> dict:
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
-def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, config: dict) -> None:
+def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, run_config: dict
+                               ) -> None:
+    config = ExpansionConfig(**run_config).model_dump()
     for key in KEYS:
         for asset in OUTPUTS:
             assert (data / asset / f"{key}.parquet").is_file(), (asset, key)
@@ -58,7 +65,8 @@ def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, config
         lineage = every.join(seeds.select("seed_id", pl.col("caption").alias("seed")), on="seed_id")
         assert (lineage["seed_caption"] == lineage["seed"]).all()
         assert (every["model_id"] == model_id).all()
-        assert (every["prompt_version"] == "stage1_expand/v1").all()
+        assert (every["prompt_version"] == f"stage1_expand/{config['prompt_version']}").all()
+        assert set(every["style"]) <= set(config["styles"] or ["main_subject"])
         assert every["prompt_digest"].n_unique() == 1
         sampling = json.loads(every["sampling"][0])
         assert sampling["max_tokens"] == config["max_tokens"]
@@ -68,12 +76,12 @@ def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, config
         assert rejects["reason"].is_not_null().all()
 
 
-def assert_metadata(meta: dict, expected_rows: int) -> None:
+def assert_metadata(meta: dict, expected_rows: int, prompt_version: str = "v2") -> None:
     assert meta["dagster/row_count"] == expected_rows
     assert meta["sample"].startswith("| caption_id ") or expected_rows == 0
     assert set(meta["rejects_by_reason"]) >= {"too_short", "boilerplate", "near_duplicate"}
     assert meta["tokens_generated"] > 0 and meta["tokens_per_second"] > 0
-    assert meta["prompt_version"] == "stage1_expand/v1"
+    assert meta["prompt_version"] == f"stage1_expand/{prompt_version}"
 
 
 def check_results(result) -> dict[tuple[str, str], bool]:
@@ -81,10 +89,14 @@ def check_results(result) -> dict[tuple[str, str], bool]:
             for e in result.get_asset_check_evaluations()}
 
 
-def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, instance, fake_llm):
+@pytest.mark.parametrize("config", [
+    {},  # the paper's: one main-subject expansion per seed
+    {"expansions_per_seed": 2, "styles": ["objects", "spatial", "lighting"], "max_tokens": 96},
+], ids=["main_subject", "style_focuses"])
+def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, instance, fake_llm,
+                                           config):
     data = tmp_path / "data"
     resources = make_resources(data, seed_dir, llm=fake_llm)
-    config = {"expansions_per_seed": 2, "max_tokens": 96}
     for key in KEYS:  # one run per shard, as `unicorn materialize` does
         result = run(instance, resources, [key], **config)
         assert result.success
@@ -116,6 +128,39 @@ def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, inst
     for key in KEYS:
         assert pl.read_parquet(data / "expanded_captions" / f"{key}.parquet").equals(before[key])
     assert len(list((data / "expanded_captions").glob("*.parquet"))) == 2
+
+
+class CutOffLLM(FakeLLM):
+    """FakeLLM whose every completion stopped at the token budget (finish_reason "length")."""
+
+    def _generate(self, requests, params):
+        return [Completion(c.text, c.prompt_tokens, c.completion_tokens, "length")
+                for c in super()._generate(requests, params)]
+
+
+def test_length_finish_check_reads_the_stored_finish_reasons(tmp_path: Path, seed_dir: Path,
+                                                            instance):
+    """Expansions cut at max_tokens are kept (trimmed to their last sentence) or rejected, and
+    the non-blocking length_finish_rate check counts them from the stored finish_reason column;
+    the asset is still written."""
+    data = tmp_path / "data"
+    resources = make_resources(data, seed_dir, llm=CutOffLLM())
+    result = run(instance, resources, [KEYS[0]])
+    assert result.success  # non-blocking
+    checks = check_results(result)
+    assert checks[("expanded_captions", "length_finish_rate")] is False
+    assert all(v for k, v in checks.items() if k[1] != "length_finish_rate"), checks
+    stored = pl.concat([pl.read_parquet(data / "expanded_captions" / f"{KEYS[0]}.parquet"),
+                        pl.read_parquet(data / "expanded_caption_rejects" / f"{KEYS[0]}.parquet")
+                        .drop("reason")])
+    assert stored.height > 0 and (stored["finish_reason"] == "length").all()
+    (evaluation,) = [e for e in result.get_asset_check_evaluations()
+                     if e.asset_check_key.name == "length_finish_rate"]
+    assert evaluation.metadata["generated"].value == stored.height
+    assert evaluation.metadata["length_finish_rate"].value == 1.0
+    # the same model with stop reasons passes it
+    again = run(instance, make_resources(tmp_path / "d2", seed_dir, llm=FakeLLM()), [KEYS[0]])
+    assert check_results(again)[("expanded_captions", "length_finish_rate")] is True
 
 
 def test_seeds_that_fail_their_gate_stop_stage1(tmp_path: Path, seed_dir: Path, instance, fake_llm):

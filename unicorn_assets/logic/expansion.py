@@ -56,9 +56,14 @@ class CaptionFilters:
     boilerplate_patterns: str = "filters/boilerplate_v1.txt"
 
 
+MAIN_SUBJECT = "main_subject"  # the `style` of an expansion made with the prompt alone (no focus)
+
+
 def plan_expansions(seeds: pl.DataFrame, prompts: PromptSet, styles: Sequence[str],
                     per_seed: int, base_seed: int) -> pl.DataFrame:
     """One row per LLM request: K distinct styles per seed, each with its own sampling seed.
+    No styles (the default, as in the paper): one expansion per seed with the main-subject prompt
+    alone, recorded as style `main_subject`.
 
     Seed ids are the user's and repeat across shards, so the caption id also hashes the shard
     (shard keys are unique). Styles and sampling seeds follow the seed id alone: the same seed
@@ -67,7 +72,13 @@ def plan_expansions(seeds: pl.DataFrame, prompts: PromptSet, styles: Sequence[st
     if unknown:
         raise ValueError(f"styles {unknown} are not in prompt {prompts.ref}; known: "
                          f"{sorted(prompts.styles)}")
-    if not 1 <= per_seed <= len(styles):
+    if not styles:
+        if per_seed != 1:
+            raise ValueError(f"expansions_per_seed is {per_seed} with no styles: the main-subject "
+                             "prompt makes one expansion per seed; set expansions_per_seed: 1, or "
+                             f"name K style focuses in styles (known: {sorted(prompts.styles)})")
+        styles = [MAIN_SUBJECT]
+    elif not 1 <= per_seed <= len(styles):
         raise ValueError(f"expansions_per_seed must be 1..{len(styles)} (one per distinct style)")
     rows = []
     for seed_id, shard, caption in seeds.select("seed_id", "shard", "caption").iter_rows():
@@ -161,6 +172,14 @@ def filter_captions(captions: pl.DataFrame, rules: CaptionFilters) -> tuple[pl.D
                           survivors.filter(pl.col("reason").is_not_null())])
     kept = survivors.filter(pl.col("reason").is_null()).drop("reason")
     return kept.select(CAPTION_SCHEMA.names()), rejected.select(CAPTION_REJECT_SCHEMA.names())
+
+
+def length_finish_share(kept: pl.DataFrame, rejected: pl.DataFrame) -> tuple[float, int]:
+    """(share of expansions whose stored finish_reason is "length", number of expansions), over
+    the kept and the rejected rows: a cut caption is trimmed and kept, or rejected as truncated."""
+    reasons = pl.concat([kept["finish_reason"], rejected["finish_reason"]])
+    cut = int((reasons == "length").sum())
+    return (cut / reasons.len() if reasons.len() else 0.0), reasons.len()
 
 
 def reject_counts(rejected: pl.DataFrame) -> dict[str, int]:

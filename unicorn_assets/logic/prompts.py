@@ -27,7 +27,9 @@ class PromptSet:
         return f"{self.name}/{self.version}"
 
     def messages(self, style: str = "", **values: object) -> list[dict[str, str]]:
-        user = Template(self.user).safe_substitute(focus=self.styles.get(style, ""), **values)
+        # rstrip: a template that ends with $focus has no trailing blank without a style focus
+        user = Template(self.user).safe_substitute(focus=self.styles.get(style, ""),
+                                                    **values).rstrip()
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 

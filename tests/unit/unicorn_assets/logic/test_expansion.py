@@ -25,6 +25,7 @@ from unicorn_assets.logic.expansion import (
     assemble_captions,
     clean_completion,
     filter_captions,
+    length_finish_share,
     plan_expansions,
     reject_counts,
 )
@@ -32,7 +33,8 @@ from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
 
 PROMPTS = load_prompt_set("stage1_expand", "v1")
-STYLES = list(ExpansionConfig().styles)
+STYLES = list(PROMPTS.styles)  # the opt-in style focuses
+DEFAULT = ExpansionConfig()
 
 
 def seeds_frame(n: int = 4, shard: str = "a") -> pl.DataFrame:
@@ -52,8 +54,40 @@ def test_prompt_templates_are_versioned_files():
     assert '"A red bus."' in messages[1]["content"]
     assert PROMPTS.styles["lighting"] in messages[1]["content"]
     assert "$" not in messages[1]["content"]
-    with pytest.raises(FileNotFoundError, match="known versions: v1.yaml"):
+    with pytest.raises(FileNotFoundError, match="known versions: v1.yaml, v2.yaml"):
         load_prompt_set("stage1_expand", "v999")
+
+
+def test_the_default_is_the_papers_one_main_subject_expansion_per_seed():
+    """Unicorn v2: one expansion per seed, one prompt about the main subject's observable,
+    objective details in one paragraph; the style focuses are an opt-in."""
+    assert (DEFAULT.styles, DEFAULT.expansions_per_seed) == ([], 1)
+    assert DEFAULT.max_tokens >= 384  # what a real model gets: the paper's mean is not clipped
+    prompts = load_prompt_set(DEFAULT.prompt, DEFAULT.prompt_version)
+    plan = plan_expansions(seeds_frame(6), prompts, DEFAULT.styles, DEFAULT.expansions_per_seed,
+                           DEFAULT.sampling_seed)
+    assert plan.height == 6 and plan["seed_id"].n_unique() == 6
+    assert set(plan["style"]) == {"main_subject"} and set(plan["expansion_index"]) == {0}
+    user = prompts.messages("main_subject", caption="A red bus.")[1]["content"]
+    assert "main subject" in user and "one detailed paragraph" in user and "No rhetoric" in user
+    assert '"A red bus."' in user and "$" not in user and user == user.rstrip()
+    assert not any(focus in user for focus in prompts.styles.values())
+    # the opt-in still works with the same prompt set: a focus line per style
+    assert prompts.styles["lighting"] in prompts.messages("lighting", caption="x")[1]["content"]
+    with pytest.raises(ValueError, match="set expansions_per_seed: 1, or name K style focuses"):
+        plan_expansions(seeds_frame(1), prompts, [], 2, 1)
+
+
+def test_max_tokens_is_bounded():
+    with pytest.raises(ValueError, match="max_tokens"):
+        ExpansionConfig(max_tokens=0)
+
+
+def test_length_finish_share_counts_kept_and_rejected_rows():
+    kept = pl.DataFrame({"finish_reason": ["stop", "length", "stop"]})
+    rejected = pl.DataFrame({"finish_reason": ["length"]})
+    assert length_finish_share(kept, rejected) == (0.5, 4)
+    assert length_finish_share(kept.clear(), rejected.clear()) == (0.0, 0)
 
 
 def test_plan_gives_k_distinct_styles_per_seed_with_recorded_sampling_seeds():
