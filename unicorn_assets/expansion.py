@@ -53,7 +53,7 @@ class ExpansionConfig(dg.Config):
     prompt_version: str = "v2"
     # Opt-in (ours): K distinct style focuses per seed (objects, attributes, spatial, lighting,
     # background). Empty, as in the paper: one expansion per seed, the main-subject prompt alone.
-    styles: list[str] = Field(default_factory=list)
+    styles: list[str] = []  # noqa: RUF012 - a dg.Config field (pydantic copies it); Dagster shows it as the default
     expansions_per_seed: int = Field(1, ge=1, le=100)
     temperature: float = 0.7
     top_p: float = 0.95
