@@ -31,10 +31,11 @@ from unicorn_assets.logic.instructions import (
     image_token_ok,
     json_validity,
     load_prompts,
-    mc_answers_in_options,
+    mc_letter_replies,
     plan_instructions,
     reject_counts,
     task_counts,
+    turns_outside_bounds,
     well_formed,
 )
 from unicorn_assets.metadata import (
@@ -49,7 +50,8 @@ from unicorn_resources.llm import ChatRequest, LLMResource, SamplingParams
 from unicorn_resources.quality_gates import QualityGates
 
 # Unicorn v2 made 171K multiple-choice, 199K QA and 100K complex-reasoning records.
-INSTRUCTIONS_VERSION = "1"
+# 2: a multiple-choice reply is the letter alone (rationale in `mc_rationale`), LLaVA's suffix
+INSTRUCTIONS_VERSION = "2"
 PAPER_MIX = {"multiple_choice": 171.0, "question_answering": 199.0, "complex_reasoning": 100.0,
              "multi_turn": 0.0}
 
@@ -68,8 +70,13 @@ class InstructionDefaults(dg.ConfigurableResource):
     qa_pairs_max: int = Field(8, ge=1, le=50, description="QA pairs per record, max")
     multi_turn_min: int = Field(2, ge=1, le=50, description="turns of a multi_turn dialogue, min")
     multi_turn_max: int = Field(3, ge=1, le=50, description="turns of a multi_turn dialogue, max")
+    sample_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of captions made into records, a seeded random "
+        "sample by a stable hash of the caption id (the paper: 471K records of 1.2M captions, "
+        "0.3925); 1: every caption")
     max_captions_per_shard: int = Field(
-        0, ge=0, description="use only the first N captions of each shard (demo budgets); 0: all")
+        0, ge=0, description="a cap: at most the first N (sampled) captions of each shard (demo "
+        "budgets); 0: no cap")
     max_attempts: int = Field(3, ge=1, le=100,
                               description="attempts per record; each retry has a new seed")
     temperature: float = Field(0.7, ge=0, le=2)
@@ -116,6 +123,7 @@ class InstructionDefaults(dg.ConfigurableResource):
             base_seed=self.sampling_seed, max_attempts=self.max_attempts,
             restate_threshold=self.restate_threshold,
             max_captions_per_shard=self.max_captions_per_shard or None,
+            sample_fraction=self.sample_fraction,
         )
 
     def sampling(self) -> SamplingParams:
@@ -191,9 +199,28 @@ INSTRUCTION_COLUMNS = {
     "prompt_tokens": "prompt tokens, summed over attempts",
     "completion_tokens": "generated tokens, summed over attempts",
     "task_mix": "JSON of the configured task-type shares",
+    "mc_rationale": "multiple choice: the model's rationale of each turn (the reply itself is "
+                    "the letter alone, as in the paper); null for the other task types",
     "conversations": "the LLaVA/Bunny conversation: turns {from: human|gpt, value}; the first "
                      "human turn holds the <image> token",
 }
+
+
+def turns_per_record_check(turns: dict[str, tuple[int, int]]) -> Check:
+    """Blocking: every stored conversation has whole human/gpt pairs, as many as the configured
+    bounds of its task type allow (`turns`: the run's settings)."""
+    def rule(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:
+        bad = turns_outside_bounds(frame, turns)
+        return quality.Outcome(
+            not bad, f"{len(bad)} of {frame.height} records have human/gpt pairs outside the "
+            f"configured bounds {turns}" + (": fix qa_pairs_min/max or multi_turn_min/max of "
+                                            "stage2, or regenerate" if bad else ""),
+            {"failing": len(bad), "failing_ids": [b[0] for b in bad[:20]],
+             "pairs_found": {b[0]: b[2] for b in bad[:20]},
+             "bounds": {k: list(v) for k, v in turns.items()}})
+    return frame_check("instructions", "turns_per_record", rule, blocking=True,
+                       description="human/gpt pairs of every stored conversation within the "
+                       "configured qa_pairs (multi_turn) bounds of its task type")
 
 stage2_checks = [
     *standard_checks("instructions", schema=INSTRUCTION_SCHEMA, id_column="id",
@@ -204,23 +231,21 @@ stage2_checks = [
     frame_check("instructions", "task_mix", task_mix_outcome, blocking=False,
                 description="task-type shares within quality_gates.instruction_mix_tolerance "
                 "(plus binomial slack) of the configured mix"),
-    frame_check("instructions", "mc_answer_in_options",
+    frame_check("instructions", "mc_letter_reply",
                 lambda df, q: quality.rows_satisfy(
-                    _multiple_choice(df), "conversations", mc_answers_in_options,
-                    "every multiple-choice question lists 4 distinct options A-D and the reply "
-                    "starts with one of their letters"),
-                blocking=True, description="multiple-choice answers are one of the options"),
-    frame_check("instructions", "image_token",
-                lambda df, q: quality.rows_satisfy(
-                    df, "conversations", image_token_ok,
-                    "exactly one <image> token, in the first human turn"),
-                blocking=True, description="the first human turn carries exactly one <image> "
-                "token and no other turn has one"),
+                    _multiple_choice(df), "conversations", mc_letter_replies,
+                    "every multiple-choice question lists 4 distinct options A-D and ends with "
+                    "LLaVA's letter instruction, and every reply is exactly one letter A-D"),
+                blocking=True, description="multiple-choice replies, read from the stored "
+                "conversations, are one letter of the options A-D listed in the question"),
+    turns_per_record_check(InstructionDefaults().settings().turns),  # the run's bounds in-asset
     frame_check("instructions", "conversation_shape",
                 lambda df, q: quality.rows_satisfy(
-                    df, "conversations", well_formed,
-                    "human and gpt turns alternate in pairs, none empty"),
-                blocking=True, description="turns alternate human/gpt in pairs; no empty turn"),
+                    df, "conversations", lambda c: well_formed(c) and image_token_ok(c),
+                    "human and gpt turns alternate in pairs, none empty, one <image> token in "
+                    "the first human turn"),
+                blocking=True, description="turns alternate human/gpt in pairs; no empty turn; "
+                "exactly one <image> token, in the first human turn"),
     *standard_checks("instruction_rejects", schema=INSTRUCTION_REJECT_SCHEMA, id_column=None,
                      required=["caption_id", "reason", "detail"], non_empty=False),
     known_reasons_check("instruction_rejects", REJECT_REASONS, "rule"),
@@ -290,9 +315,16 @@ def make_instructions(context: dg.AssetExecutionContext, config: InstructionConf
         "task_mix": dg.MetadataValue.json(settings.shares()),
         "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
         "max_captions_per_shard": chosen.max_captions_per_shard or "all",
+        "sample_fraction": chosen.sample_fraction,
         "settings": dg.MetadataValue.json(chosen.recipe),
         "prompt_versions": dg.MetadataValue.json(sorted({p.ref for p in prompts.values()})),
         **llm_metadata(llm, generation.completions, seconds)})
     yield dg.Output(rejects, "instruction_rejects", metadata=run)
-    yield from evaluate(stage2_checks, by_shard(context.partition_keys, instructions=records,
-                                                instruction_rejects=rejects), quality_gates)
+    yield from evaluate(run_checks(settings), by_shard(
+        context.partition_keys, instructions=records, instruction_rejects=rejects), quality_gates)
+
+
+def run_checks(settings) -> list[Check]:
+    """stage2_checks, with the turns check judging against the bounds this run used."""
+    return [turns_per_record_check(dict(settings.turns)) if c.name == "turns_per_record" else c
+            for c in stage2_checks]

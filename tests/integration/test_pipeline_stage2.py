@@ -20,7 +20,7 @@ from dagster_project.profiles import ProfileError, build_stage2, job_run_configs
 from tests.support import coco_captions, make_resources
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
-from unicorn_assets.instructions import make_instructions, stage2_checks
+from unicorn_assets.instructions import make_instructions, run_checks, stage2_checks
 from unicorn_assets.logic.instructions import (
     CONVERSATION,
     TASK_TYPES,
@@ -37,6 +37,7 @@ from unicorn_assets.logic.text import caption_sha256
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import ChatRequest, FakeLLM, LlamaCppLLM, SamplingParams
 from unicorn_resources.llm.types import Completion
+from unicorn_resources.quality_gates import QualityGates
 
 SHARDS = ["shard-a", "shard-b"]
 STAGE2_CHECKS = {check.name for check in stage2_checks}
@@ -281,3 +282,48 @@ def test_real_model_with_json_schema_decoding(tmp_path):
     for conv in result.records["conversations"].to_list():
         assert image_token_ok(conv) and well_formed(conv)
     assert result.records["model_id"].to_list() == [llm.model_id] * result.records.height
+
+
+def test_stage2_checks_read_the_stored_conversations_and_fail_on_bad_ones(instance, tmp_path,
+                                                                         seed_dir):
+    """Multiple-choice replies are stored as the letter alone with the rationale in
+    mc_rationale; the turns and letter checks, run on the stored Parquet after it was altered,
+    fail on a reply that is not a letter and on a record with a pair too few."""
+    data = tmp_path / "data"
+    stage2 = {**local_stage2(), "task_mix": {"multiple_choice": 1}, "max_captions_per_shard": 2}
+    defs = definitions(data, seed_dir, stage2=stage2)
+    instance.add_dynamic_partitions(SEED_SHARDS, SHARDS[:1])
+    result = defs.resolve_job_def("unicorn_shard_job").execute_in_process(
+        instance=instance, partition_key=SHARDS[0])
+    assert result.success and failed_checks(result) == []
+    assert {"mc_letter_reply", "turns_per_record"} <= checks_run(result)
+    path = data / "instructions" / f"{SHARDS[0]}.parquet"
+    stored = pl.read_parquet(path)
+    assert stored.height == 2 and set(stored["task_type"]) == {"multiple_choice"}
+    for conv, rationale in zip(stored["conversations"].to_list(), stored["mc_rationale"].to_list()):
+        assert [t["value"] for t in conv[1::2]] != [] and all(
+            t["value"] in "ABCD" and len(t["value"]) == 1 for t in conv[1::2])
+        assert all(t["value"].endswith("given choices directly.") for t in conv[::2])
+        assert len(rationale) == len(conv) // 2 and all(rationale)
+
+    settings = build_stage2(stage2).settings()
+    checks = {c.name: c for c in run_checks(settings)}
+
+    def judged(frame: pl.DataFrame) -> dict[str, bool]:
+        frame.write_parquet(path)
+        back = pl.read_parquet(path)
+        frames = {"a": {"instructions": back, "instruction_rejects": pl.read_parquet(
+            data / "instruction_rejects" / f"{SHARDS[0]}.parquet")}}
+        return {name: checks[name].outcome(frames, QualityGates()).passed
+                for name in ("mc_letter_reply", "turns_per_record", "conversation_shape")}
+
+    assert judged(stored) == {"mc_letter_reply": True, "turns_per_record": True,
+                              "conversation_shape": True}
+    convs = stored["conversations"].to_list()
+    with_reason = [[*c[:1], c[1] | {"value": c[1]["value"] + ". Because it is."}, *c[2:]]
+                   for c in convs]
+    one_pair_short = [c[:-2] for c in convs]
+    assert judged(stored.with_columns(pl.Series("conversations", with_reason,
+                                                dtype=CONVERSATION)))["mc_letter_reply"] is False
+    assert judged(stored.with_columns(pl.Series("conversations", one_pair_short,
+                                                dtype=CONVERSATION)))["turns_per_record"] is False

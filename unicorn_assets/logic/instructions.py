@@ -25,11 +25,13 @@ from unicorn_assets.logic.text import excerpt, normalise_ws, stable_id, stable_i
 TASK_TYPES = ("multiple_choice", "question_answering", "complex_reasoning", "multi_turn")
 LETTERS = ("A", "B", "C", "D")
 IMAGE_TOKEN = "<image>"
+# LLaVA's multiple-choice instruction (as in the Unicorn paper): the reply is the letter alone
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 # Reasons an attempt fails; the first three mean the output was not valid JSON for the schema.
 JSON_REASONS = ("truncated", "invalid_json", "schema_mismatch")
 RULE_REASONS = ("wrong_turn_count", "empty_turn", "image_token", "options_not_distinct",
-                "answer_not_in_options", "restates_question")
+                "answer_not_in_options", "answer_contradicts_option", "restates_question")
 REJECT_REASONS = JSON_REASONS + RULE_REASONS
 
 CONVERSATION = pl.List(pl.Struct({"from": pl.String, "value": pl.String}))
@@ -50,6 +52,8 @@ _LINEAGE = {
     "prompt_tokens": pl.Int32,  # summed over attempts
     "completion_tokens": pl.Int32,
     "task_mix": pl.String,  # JSON of the configured task-type shares
+    "mc_rationale": pl.List(pl.String),  # multiple choice: each turn's rationale (the reply is
+                                         # the letter alone); null for the other task types
 }
 INSTRUCTION_SCHEMA = pl.Schema({"id": pl.String, **_LINEAGE, "conversations": CONVERSATION})
 INSTRUCTION_REJECT_SCHEMA = pl.Schema({"id": pl.String, **_LINEAGE, "reason": pl.String,
@@ -126,6 +130,7 @@ class InstructionSettings:
     max_attempts: int = 3
     restate_threshold: float = 0.9  # answer/question word-set Jaccard that counts as restating
     max_captions_per_shard: int | None = None
+    sample_fraction: float = 1.0  # share of captions used, drawn by a stable hash of the id
 
     def __post_init__(self) -> None:
         self.shares()
@@ -137,6 +142,8 @@ class InstructionSettings:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.max_captions_per_shard is not None and self.max_captions_per_shard < 1:
             raise ValueError("max_captions_per_shard must be at least 1, or null for every caption")
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
 
     def shares(self) -> dict[str, float]:
         return normalise_mix(self.task_mix)
@@ -172,11 +179,22 @@ def attempt_seed(base_seed: int, caption_id: str, attempt: int) -> int:
     return stable_int(base_seed, caption_id, attempt)
 
 
+def sampled(caption_id: str, fraction: float, base_seed: int) -> bool:
+    """Whether a caption is in the seeded random sample: a stable hash of its id and the seed,
+    so the same caption is in or out on every run and in every shard order."""
+    return fraction >= 1 or stable_int(base_seed, "sample", caption_id) / 2**31 < fraction
+
+
 def plan_instructions(captions: pl.DataFrame, settings: InstructionSettings) -> pl.DataFrame:
     """One row per record to make: the caption, its task type and its number of turns. With
-    `max_captions_per_shard`, only the first N captions of each shard are used. Each row keeps
-    the caption's `caption_sha256`, so the record says which text it is about."""
+    `sample_fraction` < 1, a seeded random share of the captions (by a stable hash of the caption
+    id); then with `max_captions_per_shard`, at most the first N of those per shard. Each row
+    keeps the caption's `caption_sha256`, so the record says which text it is about."""
     shares = settings.shares()
+    if settings.sample_fraction < 1:
+        captions = captions.filter(pl.Series([
+            sampled(c, settings.sample_fraction, settings.base_seed)
+            for c in captions["caption_id"].to_list()], dtype=pl.Boolean))
     if settings.max_captions_per_shard is not None:
         captions = captions.filter(
             pl.int_range(pl.len()).over("shard") < settings.max_captions_per_shard)
@@ -204,6 +222,7 @@ class Verdict:
     conversation: list[dict[str, str]] | None
     reason: str | None = None
     detail: str = ""
+    mc_rationale: list[str] | None = None  # multiple choice: each turn's rationale
 
 
 def extract_json(text: str) -> Any:
@@ -230,12 +249,35 @@ def _fold(text: str) -> str:
     return " ".join(words(text))
 
 
+_LABELLED_ANSWER = re.compile(r"^\s*\(?([A-Da-d])(?:[.):]|\))\s*(.+)$", re.DOTALL)
+
+
+def answer_contradiction(answer: str, options: Sequence[str]) -> str | None:
+    """Why an answer's letter and text disagree ("A. blue" where A is red), or None. The text
+    after a letter label must contain the words of that letter's option."""
+    match = _LABELLED_ANSWER.match(answer)
+    if not match or not _fold(match.group(2)):
+        return None
+    letter, text = match.group(1).upper(), _fold(match.group(2))
+    if letter not in LETTERS[: len(options)]:
+        return None
+    own = _fold(options[LETTERS.index(letter)])
+    if f" {own} " in f" {text} ":
+        return None
+    other = [f"{m}. {o}" for m, o in zip(LETTERS, options) if _fold(o) == text]
+    names = f", which is option {other[0]}" if other else ""
+    return f"letter {letter} is {options[LETTERS.index(letter)]!r} but the text says {text!r}{names}"
+
+
 def resolve_answer(answer: str, options: Sequence[str]) -> str | None:
-    """The letter of the chosen option: the answer is a letter ("B", "(B)", "B.") or the text of
-    one option; None when it is neither."""
+    """The letter of the chosen option: the answer is a letter ("B", "(B)", "B."), a letter with
+    its option's text ("B. blue"), or the text of one option; None when it is none of them, or
+    its letter and text disagree ("A. blue" where A is red)."""
     by_text = {_fold(o): letter for letter, o in zip(LETTERS, options) if _fold(o)}
     if _fold(answer) in by_text:
         return by_text[_fold(answer)]
+    if answer_contradiction(answer, options):
+        return None
     match = _LETTER_ANSWER.match(answer)
     letter = match.group(1).upper() if match else None
     return letter if letter in LETTERS[: len(options)] else None
@@ -279,6 +321,9 @@ def rule_violation(task_type: str, dialogue: Dialogue, bounds: tuple[int, int],
                 return "empty_turn", f"turn {i} has an option with no words: {turn.options}"
             if len({_fold(o) for o in options}) != len(options):
                 return "options_not_distinct", f"turn {i} options {options}"
+            conflict = answer_contradiction(turn.answer, options)
+            if conflict and _fold(turn.answer) not in {_fold(o) for o in options}:
+                return "answer_contradicts_option", f"turn {i} answer {turn.answer!r}: {conflict}"
             if resolve_answer(turn.answer, options) is None:
                 return "answer_not_in_options", f"turn {i} answer {turn.answer!r} not in {options}"
         if restates(turn.question, _answer_text(task_type, turn), restate_threshold):
@@ -294,7 +339,8 @@ def to_conversation(task_type: str, dialogue: Dialogue) -> list[dict[str, str]]:
         if task_type == "multiple_choice":
             options = [clean_option(o) for o in turn.options]
             question += "".join(f"\n{letter}. {o}" for letter, o in zip(LETTERS, options))
-            reply = f"{resolve_answer(turn.answer, options)}. {normalise_ws(turn.rationale)}"
+            question += f"\n{MC_SUFFIX}"
+            reply = resolve_answer(turn.answer, options)  # the letter alone, as in the paper
         elif task_type == "complex_reasoning":
             steps = "\n".join(f"{n}. {normalise_ws(s)}" for n, s in enumerate(turn.steps, 1))
             reply = f"{steps}\nAnswer: {normalise_ws(turn.answer)}"
@@ -324,7 +370,9 @@ def judge(task_type: str, text: str, finish_reason: str, bounds: tuple[int, int]
     broken = rule_violation(task_type, dialogue, bounds, restate_threshold)
     if broken:
         return Verdict(None, *broken)
-    return Verdict(to_conversation(task_type, dialogue))
+    rationale = ([normalise_ws(t.rationale) for t in dialogue.turns]
+                 if task_type == "multiple_choice" else None)
+    return Verdict(to_conversation(task_type, dialogue), mc_rationale=rationale)
 
 
 # --- rules on stored conversations (the asset checks use these) ----------------------------------
@@ -345,18 +393,43 @@ def well_formed(conversation: Sequence[Mapping[str, str]]) -> bool:
 
 
 _OPTION_LINE = re.compile(r"^([A-D])\. (.+)$", re.MULTILINE)
-_REPLY_LETTER = re.compile(r"^([A-D])\.")
 
 
-def mc_answers_in_options(conversation: Sequence[Mapping[str, str]]) -> bool:
-    """Every question lists 4 distinct options A-D, and its reply starts with one of them."""
+def turn_pairs(conversation: Sequence[Mapping[str, str]]) -> int:
+    """The number of (human, gpt) pairs, counted from the start while turns alternate."""
+    pairs = 0
+    for human, gpt in zip(conversation[::2], conversation[1::2]):
+        if human["from"] != "human" or gpt["from"] != "gpt":
+            break
+        pairs += 1
+    return pairs
+
+
+def mc_letter_replies(conversation: Sequence[Mapping[str, str]]) -> bool:
+    """Every question lists 4 distinct options A-D and ends with LLaVA's instruction to answer
+    with the letter, and every reply is exactly one of the letters A-D (nothing else)."""
+    if len(conversation) < 2 or len(conversation) % 2:
+        return False
     for human, gpt in zip(conversation[::2], conversation[1::2]):
         options = dict(_OPTION_LINE.findall(human["value"]))
-        letter = _REPLY_LETTER.match(gpt["value"])
         if (sorted(options) != list(LETTERS) or len({_fold(o) for o in options.values()}) != 4
-                or letter is None):
+                or not human["value"].rstrip().endswith(MC_SUFFIX)
+                or gpt["value"] not in LETTERS):
             return False
     return True
+
+
+def turns_outside_bounds(frame: pl.DataFrame, turns: Mapping[str, tuple[int, int]]
+                         ) -> list[tuple[str, str, int]]:
+    """(id, task type, pairs) of every stored record whose conversation's human/gpt pairs are
+    outside the configured bounds of its task type."""
+    out = []
+    for rid, task, conversation in frame.select("id", "task_type", "conversations").iter_rows():
+        low, high = turns.get(task, (1, 0))
+        pairs = turn_pairs(conversation)
+        if pairs * 2 != len(conversation) or not low <= pairs <= high:
+            out.append((rid, task, pairs))
+    return out
 
 
 # --- generation with bounded retries --------------------------------------------------------------
@@ -384,6 +457,7 @@ def generate_instructions(
     rows = plan.to_dicts()
     for row in rows:
         row.update(attempts=0, attempt_reasons=[], prompt_tokens=0, completion_tokens=0,
+                   mc_rationale=None,
                    messages=prompts[row["task_type"]].messages(caption=row["caption"],
                                                                n_turns=row["n_turns"]))
     result = Generation(records=pl.DataFrame(schema=INSTRUCTION_SCHEMA),
@@ -412,6 +486,7 @@ def generate_instructions(
                             settings.turns[row["task_type"]], settings.restate_threshold)
             if verdict.conversation is not None:
                 row["conversations"] = verdict.conversation
+                row["mc_rationale"] = verdict.mc_rationale
                 accepted.append(row)
             else:
                 row["attempt_reasons"].append(verdict.reason)

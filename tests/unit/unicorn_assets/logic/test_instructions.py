@@ -17,7 +17,9 @@ from unicorn_assets.instructions import (
     PAPER_MIX,
     InstructionConfig,
     InstructionDefaults,
+    run_checks,
     stage2_checks,
+    turns_per_record_check,
 )
 from unicorn_assets.logic import quality
 from unicorn_assets.logic.instructions import (
@@ -37,12 +39,13 @@ from unicorn_assets.logic.instructions import (
     json_validity,
     judge,
     load_prompts,
-    mc_answers_in_options,
+    mc_letter_replies,
     normalise_mix,
     plan_instructions,
     resolve_answer,
     restates,
     task_counts,
+    turn_pairs,
     well_formed,
 )
 from unicorn_assets.logic.text import caption_sha256_series
@@ -134,6 +137,24 @@ def test_settings_are_validated(bad, message):
         settings(**bad)
 
 
+def test_plan_samples_a_seeded_random_fraction_by_a_stable_hash_of_the_caption_id():
+    frame = captions(400)
+    plan = plan_instructions(frame, settings(sample_fraction=0.39))
+    assert 0.39 * 400 - 40 < plan.height < 0.39 * 400 + 40
+    # not the first N: sampled ids are spread over the shard, and the choice is per id
+    assert plan["caption_id"].to_list() != frame["caption_id"].head(plan.height).to_list()
+    reversed_plan = plan_instructions(frame.reverse(), settings(sample_fraction=0.39))
+    assert set(reversed_plan["caption_id"]) == set(plan["caption_id"])
+    other_seed = plan_instructions(frame, settings(sample_fraction=0.39, base_seed=7))
+    assert set(other_seed["caption_id"]) != set(plan["caption_id"])
+    # the per-shard cap still applies, to the sampled captions
+    capped = plan_instructions(frame, settings(sample_fraction=0.39, max_captions_per_shard=5))
+    assert capped["caption_id"].to_list() == plan["caption_id"].head(5).to_list()
+    assert plan_instructions(frame, settings(sample_fraction=1.0)).height == 400
+    with pytest.raises(ValueError, match="sample_fraction"):
+        settings(sample_fraction=0.0)
+
+
 def test_plan_caps_captions_per_shard_and_keeps_lineage():
     frame = captions(10, shards=("a", "b"))
     plan = plan_instructions(frame, settings(max_captions_per_shard=3))
@@ -219,13 +240,19 @@ def test_valid_outputs_become_llava_conversations(task, turns):
     assert conv[2]["value"].startswith(turns[1]["question"]) and "<image>" not in conv[2]["value"]
 
 
-def test_multiple_choice_conversion_lists_options_and_answers_with_the_letter():
-    conv = verdict("multiple_choice", [mc_turn(), mc_turn(answer="white")]).conversation
+def test_multiple_choice_reply_is_the_letter_alone_and_the_rationale_is_lineage():
+    """As in the paper (LLaVA's format): the question ends with the letter instruction and the
+    reply is the letter; the rationale is kept in the record's mc_rationale column."""
+    result = verdict("multiple_choice", [mc_turn(), mc_turn(answer="white", rationale="Pale.")])
+    conv = result.conversation
     assert conv[0]["value"] == ("<image>\nWhat colour is the bus?\nA. red\nB. blue\nC. green\n"
-                                "D. white")
-    assert conv[1]["value"] == "A. The bus body is painted red."
-    assert conv[3]["value"].startswith("D. ")  # an answer given as option text becomes its letter
-    assert mc_answers_in_options(conv)
+                                "D. white\nAnswer with the option's letter from the given choices "
+                                "directly.")
+    assert conv[1]["value"] == "A"
+    assert conv[3]["value"] == "D"  # an answer given as option text becomes its letter
+    assert result.mc_rationale == ["The bus body is painted red.", "Pale."]
+    assert mc_letter_replies(conv)
+    assert verdict("question_answering", [qa_turn(), qa_turn()]).mc_rationale is None
 
 
 def test_reasoning_conversion_numbers_the_steps():
@@ -249,6 +276,16 @@ def test_resolve_answer():
     assert resolve_answer("purple", options) is None
     assert resolve_answer("A red bus", options) is None  # a word, not a letter
     assert resolve_answer("E", options) is None
+    assert resolve_answer("B. blue", options) == "B" and resolve_answer("(C) green", options) == "C"
+
+
+@pytest.mark.parametrize("answer", ["A. blue", "(A) blue", "A) white", "d. red"])
+def test_an_answer_whose_letter_and_text_disagree_is_refused(answer):
+    options = ["red", "blue", "green", "white"]
+    assert resolve_answer(answer, options) is None
+    result = verdict("multiple_choice", [mc_turn(answer=answer), mc_turn()])
+    assert result.conversation is None and result.reason == "answer_contradicts_option"
+    assert "but the text says" in result.detail
 
 
 def test_restates():
@@ -299,8 +336,9 @@ def test_turn_count_is_checked_against_the_configured_range():
 
 # --- rules on stored conversations -----------------------------------------------------------------
 
-GOOD = [{"from": "human", "value": "<image>\nWhat is it?\nA. cat\nB. dog\nC. cow\nD. hen"},
-        {"from": "gpt", "value": "B. It barks."}]
+GOOD = [{"from": "human", "value": "<image>\nWhat is it?\nA. cat\nB. dog\nC. cow\nD. hen\n"
+                                  "Answer with the option's letter from the given choices directly."},
+        {"from": "gpt", "value": "B"}]
 
 
 @pytest.mark.parametrize("conv, ok", [
@@ -325,15 +363,28 @@ def test_well_formed(conv, ok):
     assert well_formed(conv) is ok
 
 
+SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+
+
 @pytest.mark.parametrize("conv, ok", [
     (GOOD, True),
-    ([GOOD[0], GOOD[1] | {"value": "E. It barks."}], False),
+    ([GOOD[0], GOOD[1] | {"value": "E"}], False),
+    ([GOOD[0], GOOD[1] | {"value": "B. It barks."}], False),  # the letter alone
     ([GOOD[0], GOOD[1] | {"value": "It barks."}], False),
-    ([GOOD[0] | {"value": "<image>\nWhat?\nA. cat\nB. dog\nC. cow"}, GOOD[1]], False),
-    ([GOOD[0] | {"value": "<image>\nWhat?\nA. cat\nB. dog\nC. Dog\nD. hen"}, GOOD[1]], False),
+    ([GOOD[0] | {"value": "<image>\nWhat?\nA. cat\nB. dog\nC. cow" + SUFFIX}, GOOD[1]], False),
+    ([GOOD[0] | {"value": "<image>\nWhat?\nA. cat\nB. dog\nC. Dog\nD. hen" + SUFFIX}, GOOD[1]],
+     False),
+    ([GOOD[0] | {"value": "<image>\nWhat?\nA. cat\nB. dog\nC. cow\nD. hen"}, GOOD[1]], False),
+    (GOOD[:1], False),
 ])
-def test_mc_answers_in_options(conv, ok):
-    assert mc_answers_in_options(conv) is ok
+def test_mc_letter_replies(conv, ok):
+    assert mc_letter_replies(conv) is ok
+
+
+@pytest.mark.parametrize("conv, pairs", [
+    (GOOD, 1), (GOOD * 3, 3), (GOOD[:1], 0), ([GOOD[1], GOOD[0]], 0), ([*GOOD, GOOD[0]], 1)])
+def test_turn_pairs(conv, pairs):
+    assert turn_pairs(conv) == pairs
 
 
 # --- generation with retries ------------------------------------------------------------------------
@@ -518,19 +569,40 @@ def test_task_mix_check():
     assert not check("instructions:task_mix", data=records(mixed)).passed
 
 
-def test_mc_answer_in_options_check():
+def test_mc_letter_reply_check():
     good = records([record(0, "multiple_choice", GOOD), record(1)])  # QA records are not examined
-    assert check("instructions:mc_answer_in_options", data=good).passed
-    bad = records([record(0, "multiple_choice", [GOOD[0], GOOD[1] | {"value": "E. no."}])])
-    result = check("instructions:mc_answer_in_options", data=bad)
+    assert check("instructions:mc_letter_reply", data=good).passed
+    bad = records([record(0, "multiple_choice", [GOOD[0], GOOD[1] | {"value": "B. It barks."}])])
+    result = check("instructions:mc_letter_reply", data=bad)
     assert not result.passed and result.metadata["failing_ids"].data == ["r0"]
 
 
-def test_image_token_check():
-    assert check("instructions:image_token", data=records([record(0), record(1)])).passed
+def test_turns_per_record_check_counts_stored_pairs_against_the_configured_bounds():
+    bounds = {t: (2, 3) for t in TASK_TYPES}
+    rule = turns_per_record_check(bounds)
+    two, one, four = GOOD * 2, GOOD, GOOD * 4
+    frame = records([record(0, "multiple_choice", two), record(1, conv=one),
+                     record(2, conv=four), record(3, conv=[*two, GOOD[0]])])
+    outcome = rule.outcome({"a": {"instructions": frame}}, GATES)
+    assert not outcome.passed and outcome.metadata["failing_ids"] == ["r1", "r2", "r3"]
+    assert "qa_pairs_min/max" in outcome.description
+    assert rule.outcome({"a": {"instructions": frame.head(1)}}, GATES).passed
+
+
+def test_the_run_checks_judge_turns_with_the_runs_bounds():
+    settings = InstructionDefaults(qa_pairs_min=1, qa_pairs_max=1).settings()
+    (turns,) = [c for c in run_checks(settings) if c.name == "turns_per_record"]
+    frame = records([record(0, conv=GOOD)])
+    assert turns.outcome({"a": {"instructions": frame}}, GATES).passed
+    assert not CHECKS["instructions:turns_per_record"].outcome(  # the paper's 6-8
+        {"a": {"instructions": frame}}, GATES).passed
+
+
+def test_conversation_shape_check_holds_the_image_token_rule():
+    assert check("instructions:conversation_shape", data=records([record(0), record(1)])).passed
     two = [{"from": "human", "value": "<image>\nQ? <image>"}, {"from": "gpt", "value": "A."}]
     none = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]
-    result = check("instructions:image_token",
+    result = check("instructions:conversation_shape",
                    data=records([record(0), record(1, conv=two), record(2, conv=none)]))
     assert not result.passed and result.metadata["failing_ids"].data == ["r1", "r2"]
 
