@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 
 import polars as pl
+import regex
 
 _WS = re.compile(r"\s+")
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Words in any script. Text is folded first (NFKC, then casefold: "Ｃafé" and "café" are one
+# word, "Straße" is "strasse"). A word is a run of letters and numbers (Unicode classes L and N,
+# never the underscore), each with its combining marks (M: an accent left uncombined, a Devanagari
+# vowel sign), optionally joined by one apostrophe ("dog's"). Scripts written without spaces
+# between words (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar) have no word boundary to
+# find without a dictionary, so there each character (with its marks) is one token: "一只猫" is
+# 一 只 猫, and word n-gram shingles become character n-grams there. Hangul is written with
+# spaces and is split like Latin.
+_NO_SPACE_SCRIPTS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
+_LETTER = rf"(?:(?![{_NO_SPACE_SCRIPTS}])[\p{{L}}\p{{N}}]\p{{M}}*)"
+_WORD = regex.compile(rf"[{_NO_SPACE_SCRIPTS}]\p{{M}}*|{_LETTER}+(?:'{_LETTER}+)?")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
 
 
 def normalise_ws(text: str) -> str:
@@ -43,8 +56,21 @@ def caption_sha256_series(texts: pl.Series) -> pl.Series:
                      dtype=pl.String)
 
 
+def fold_text(text: str) -> str:
+    """NFKC-normalised and casefolded, typographic apostrophes made plain: the form words and
+    duplicates are compared in."""
+    return unicodedata.normalize("NFKC", text).casefold().translate(_APOSTROPHES)
+
+
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """The folded words (tokens) of `text`, in any script (see `_WORD`)."""
+    return _WORD.findall(fold_text(text))
+
+
+def fold(text: str) -> str:
+    """`text` folded for exact-duplicate comparison: its words joined by single spaces (case,
+    punctuation, spacing and Unicode compatibility forms ignored)."""
+    return " ".join(words(text))
 
 
 def excerpt(text: str, limit: int = 200) -> str:
