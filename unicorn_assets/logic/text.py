@@ -75,3 +75,53 @@ def fold(text: str) -> str:
 
 def excerpt(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# "a" or "an" by the sound of the next word, from its spelling: a vowel letter means "an", with
+# a few known exceptions. Kept small on purpose; a label it gets wrong can be fixed in the seed
+# file's wording. Beginnings that sound like a consonant though spelt with a vowel ("a unicorn",
+# "a European", "a one-way sign"), and silent-h words that sound like a vowel ("an hour").
+_CONSONANT_SOUND = ("uni", "use", "usu", "uti", "ute", "ura", "uro", "uku", "eu", "ewe", "one",
+                    "once", "ufo")
+_VOWEL_SOUND = ("hour", "honest", "honour", "honor", "heir")
+# An acronym is read letter by letter ("an SUV", "a UFO", "an A380", "an F-16"): these letters'
+# names begin with a vowel sound. An acronym read as a word (NASA, IKEA) takes the vowel rule.
+_VOWEL_LETTER_NAMES = frozenset("AEFHILMNORSX")
+_FIRST_WORD = re.compile(r"[^\W_][\w'’.-]*")
+
+
+def indefinite_article(phrase: str) -> str:
+    """"a" or "an" for `phrase` (an English noun phrase, e.g. a class label), by its first word:
+    a vowel letter (accents ignored) means "an", except the beginnings in `_CONSONANT_SOUND` and
+    `_VOWEL_SOUND`; an acronym read letter by letter ("SUV", "A380", "F-16") goes by its first
+    letter's name; a number by how it is read ("an 8", "an 11", "an 18")."""
+    match = _FIRST_WORD.search(phrase)
+    if not match:
+        return "a"
+    word = match[0]
+    if word[0].isdigit():
+        number = re.match(r"\d+", word)[0]
+        return "an" if number[0] == "8" or number in ("11", "18") else "a"
+    if _is_acronym(word):
+        return "an" if word[0] in _VOWEL_LETTER_NAMES else "a"
+    lower = word.lower()
+    if lower.startswith(_VOWEL_SOUND):
+        return "an"
+    if lower.startswith(_CONSONANT_SOUND):
+        return "a"
+    base = unicodedata.normalize("NFD", lower)[0]  # "é" -> "e"
+    return "an" if base in "aeiou" else "a"
+
+
+def _is_acronym(word: str) -> bool:
+    """Whether `word` begins with capitals read letter by letter: a capital before a hyphen or
+    a digit ("X-ray", "F-16", "A380"), or a run of capitals ending the word that is short (up to
+    three) or has no vowel ("SUV", "BMW"); an acronym with vowels, like NASA, is read as a word."""
+    head = re.match(r"[A-Z]+", word)
+    if not head:
+        return False
+    capitals, rest = head[0], word[len(head[0]):]
+    if rest[:1].isdigit() or rest[:1] == "-":
+        return True
+    return (len(capitals) >= 2 and not rest[:1].isalpha()
+            and (len(capitals) <= 3 or not any(c in "AEIOU" for c in capitals)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from unicorn_assets.logic.expansion import new_word_count
-from unicorn_assets.logic.text import fold, words
+from unicorn_assets.logic.text import fold, indefinite_article, words
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -36,3 +36,15 @@ def test_a_chinese_caption_has_new_words_against_its_seed():
     assert new_word_count("一只橘色的猫坐在阳光明媚的窗台上，望着外面的花园。", seed) == len("橘色的阳光明媚望着外面花园")
     assert new_word_count(seed, seed) == 0
     assert new_word_count("Un café près de l'église.", "Un café.") == 3  # près, de, l'église
+
+
+@pytest.mark.parametrize("phrase, article", [
+    ("Atlantic Puffin", "an"), ("hour", "an"), ("honest man", "an"), ("heron", "a"),
+    ("unicorn", "a"), ("uniform", "a"), ("ugly duckling", "an"), ("European Robin", "a"),
+    ("eagle", "an"), ("ewe", "a"), ("one-way sign", "a"), ("owl", "an"),
+    ("MRI scanner", "an"), ("X-ray", "an"), ("UFO", "a"), ("IKEA chair", "an"),
+    ("NASA rocket", "a"), ("BMW", "a"), ("11-year-old", "an"), ("18th-century clock", "an"),
+    ("1000-piece puzzle", "a"), ("80s car", "an"), ("élan", "an"), ("", "a"), ("'Eagle'", "an"),
+])
+def test_indefinite_article(phrase, article):
+    assert indefinite_article(phrase) == article
