@@ -99,7 +99,7 @@ def indefinite_article(phrase: str) -> str:
     if not match:
         return "a"
     word = match[0]
-    if word[0].isdigit():
+    if word[0].isdecimal():
         number = re.match(r"\d+", word)[0]
         return "an" if number[0] == "8" or number in ("11", "18") else "a"
     if _is_acronym(word):

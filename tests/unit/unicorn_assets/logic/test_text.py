@@ -45,6 +45,7 @@ def test_a_chinese_caption_has_new_words_against_its_seed():
     ("MRI scanner", "an"), ("X-ray", "an"), ("UFO", "a"), ("IKEA chair", "an"),
     ("NASA rocket", "a"), ("BMW", "a"), ("11-year-old", "an"), ("18th-century clock", "an"),
     ("1000-piece puzzle", "a"), ("80s car", "an"), ("élan", "an"), ("", "a"), ("'Eagle'", "an"),
+    ("²-sphere", "a"),
 ])
 def test_indefinite_article(phrase, article):
     assert indefinite_article(phrase) == article
