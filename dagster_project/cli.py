@@ -318,43 +318,71 @@ def summarise_corpus(corpus: dict) -> str:
     return "\n".join(lines)
 
 
-def summarise(summary: dict) -> str:
+def summarise(summary: dict, io=None, instance=None) -> str:
+    """The shard runs' summary: per shard and in total, the seed lines read (lines of the seed
+    file, as the seed step counted them), the seeds made from them (a label line makes one per
+    template), and what each stage kept. `io` and `instance`: the profile's Parquet IO manager
+    and the DAGSTER_HOME instance unless given."""
     import polars as pl
 
-    io = _defs().resources["io_manager"]
+    io = io or _defs().resources["io_manager"]
+    instance = instance or _instance()
     lines = []
-    totals = {"seeds_read": 0, "seeds": 0, "captions": 0, "instructions": 0, "embeddings": 0}
+    totals = {"lines_read": 0, "seeds": 0, "label_seeds": 0, "captions": 0, "instructions": 0,
+              "embeddings": 0}
     rejected: dict[str, int] = {}
     for key, run in summary["runs"].items():
         row = dict.fromkeys(totals, 0)
-        for asset, field in (("caption_seeds", "seeds"), ("expanded_captions", "captions"),
-                             ("instructions", "instructions"), ("caption_embeddings", "embeddings")):
+        for asset, field in (("expanded_captions", "captions"), ("instructions", "instructions"),
+                             ("caption_embeddings", "embeddings")):
             try:
                 row[field] = pl.scan_parquet(io.uri(asset, key)).select(pl.len()).collect().item()
             except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
                 pass
         try:
+            row["seeds"], row["label_seeds"] = pl.scan_parquet(io.uri("caption_seeds", key)).select(
+                pl.len(), (pl.col("seed_kind") == "label").sum()).collect().row(0)
+        except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
+            pass
+        row["lines_read"] = _lines_read(instance, key, run["run_id"])
+        try:
             rej = pl.read_parquet(io.uri("expanded_caption_rejects", key))
             for reason, n in rej.group_by("reason").len().iter_rows():
                 rejected[reason] = rejected.get(reason, 0) + n
-            seed_rej = pl.read_parquet(io.uri("caption_seed_rejects", key))
-            row["seeds_read"] = row["seeds"] + seed_rej.height
         except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
             pass
         for k in totals:
             totals[k] += row[k]
         status = "ok" if run["success"] else "FAILED"
         checks = f"; failed checks: {', '.join(run['failed_checks'])}" if run["failed_checks"] else ""
-        lines.append(f"  {key:<28} {status:<6} seeds {row['seeds']:>4}  captions "
-                     f"{row['captions']:>4}  instructions {row['instructions']:>4}  embeddings "
-                     f"{row['embeddings']:>4}  {run['seconds']:6.1f}s{checks}")
+        lines.append(f"  {key:<28} {status:<6} lines {row['lines_read']:>4}  seeds "
+                     f"{row['seeds']:>4}  captions {row['captions']:>4}  instructions "
+                     f"{row['instructions']:>4}  embeddings {row['embeddings']:>4}  "
+                     f"{run['seconds']:6.1f}s{checks}")
     lines.insert(0, f"{len(summary['runs'])} shard(s):")
-    lines.append(f"seed lines read: {totals['seeds_read']}, seeds kept: {totals['seeds']}, "
+    lines.append(f"seed lines read: {totals['lines_read']}, seeds made: {totals['seeds']} "
+                 f"({totals['label_seeds']} of them from label templates), "
                  f"captions kept: {totals['captions']}, instruction records: "
                  f"{totals['instructions']}, caption embeddings: {totals['embeddings']}")
     lines.append("captions rejected by reason: " + (", ".join(
         f"{r}={n}" for r, n in sorted(rejected.items())) or "none"))
     return "\n".join(lines)
+
+
+def _lines_read(instance, key: str, run_id: str) -> int:
+    """The lines of shard `key`'s seed file that run `run_id` read, from the metadata of the
+    run's materialisation of caption_seeds (or of caption_seed_rejects, which a shard failed by
+    the seed gates still stores); 0 when the run read no seeds."""
+    import dagster as dg
+
+    for asset in ("caption_seeds", "caption_seed_rejects"):
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=5).records
+        for record in records:
+            metadata = record.asset_materialization.metadata
+            if record.run_id == run_id and "lines_read" in metadata:
+                return int(metadata["lines_read"].value)
+    return 0
 
 
 def run_all(shards: list[str] | None = None, job: str = "unicorn_shard_job",

@@ -18,7 +18,13 @@ from typing import Literal
 
 import polars as pl
 
-from unicorn_assets.logic.text import excerpt, normalise_ws, stable_id, stable_int
+from unicorn_assets.logic.text import (
+    excerpt,
+    indefinite_article,
+    normalise_ws,
+    stable_id,
+    stable_int,
+)
 from unicorn_resources.keys import SEED_EXTENSIONS, SeedError
 
 SEED_SCHEMA = pl.Schema(
@@ -98,7 +104,12 @@ class _Collector:
         opts = self.opts
         cap, lab = opts.caption_column, opts.label_column
         text, kind = rec.get(cap), "caption"
-        if text is None and rec.get(lab) is not None:
+        # One rule in every format: a caption that is null or blank (empty, or only whitespace)
+        # beside a label makes a label seed. CSV has no null (an empty cell is read as one), so
+        # without this a JSONL "" beside a label was dropped as empty while the same CSV row
+        # made label seeds.
+        if (text is None and rec.get(lab) is not None
+                or _blank(text) and not _blank(rec.get(lab)) and rec.get(lab) is not None):
             text, kind = rec.get(lab), "label"
         if text is None:
             if cap in rec or lab in rec:
@@ -134,6 +145,11 @@ class _Collector:
              "label": None if label is None else normalise_ws(str(label)),
              "source_line": line, "meta": json.dumps(meta, sort_keys=True, default=str)}
         )
+
+
+def _blank(value: object) -> bool:
+    """A string that is empty or only whitespace."""
+    return isinstance(value, str) and not value.strip()
 
 
 def describe_control(char: str) -> str:
@@ -323,6 +339,12 @@ def _finish(col: _Collector, opts: SeedReadOptions) -> tuple[pl.DataFrame, list[
     out: list[dict] = []
     seen_text: dict[str, int] = {}
     seen_id: dict[str, int] = {}
+    # The ids the file gives (first line of each): a made id (a label's "<id>-t<n>", a digest
+    # of the text) never takes one of them, whichever line comes first (see `_made_id_clash`).
+    given: dict[str, int] = {}
+    for row in col.rows:
+        if row["raw_id"] is not None and normalise_ws(row["text"]):
+            given.setdefault(row["raw_id"], row["source_line"])
     for row in col.rows:
         caption = normalise_ws(row["text"])
         line = row["source_line"]
@@ -333,11 +355,21 @@ def _finish(col: _Collector, opts: SeedReadOptions) -> tuple[pl.DataFrame, list[
         base_id = row["raw_id"] or stable_id(row["kind"], caption)
         if row["kind"] == "label":
             expanded = [
-                (f"{base_id}-t{j}", template.replace("<label>", caption))
+                (f"{base_id}-t{j}", fill_template(template, caption))
                 for j, template in enumerate(_pick_templates(caption, opts))
             ]
         else:
             expanded = [(base_id, caption)]
+        if row["raw_id"] is not None and given[row["raw_id"]] != line:
+            dropped.append(_drop(col, line, "duplicate_id",
+                                 f"id {row['raw_id']!r} already used on line "
+                                 f"{given[row['raw_id']]}; give every record its own id",
+                                 row["text"]))
+            continue
+        clash = _made_id_clash(row, [i for i, _ in expanded], given)
+        if clash:
+            dropped.append(_drop(col, line, "duplicate_id", clash, row["text"]))
+            continue
         for seed_id, text in expanded:
             if text in seen_text:
                 dropped.append(_drop(col, line, "duplicate_caption",
@@ -355,6 +387,34 @@ def _finish(col: _Collector, opts: SeedReadOptions) -> tuple[pl.DataFrame, list[
                  "source_file": col.source, "source_line": line, "meta": row["meta"]}
             )
     return pl.DataFrame(out, schema=SEED_SCHEMA), dropped
+
+
+def _made_id_clash(row: dict, ids: list[str], given: dict[str, int]) -> str | None:
+    """Why the ids made for `row` (a label's template ids, or the digest id of a record without
+    one) cannot be used: one of them is an id another line gives. The given id wins, whatever the
+    order of the lines; None when there is no clash."""
+    made = ids if row["kind"] == "label" or row["raw_id"] is None else []
+    for seed_id in made:
+        if seed_id in given and given[seed_id] != row["source_line"]:
+            what = (f"label {normalise_ws(row['text'])!r} makes the seed id {seed_id!r} (its "
+                    f"{'id' if row['raw_id'] is not None else 'digest'} plus a template number)"
+                    if row["kind"] == "label" else f"the digest id {seed_id!r} of this caption")
+            return (f"{what}, which line {given[seed_id]} gives as its id; give this record "
+                    f"(or line {given[seed_id]}) another id")
+    return None
+
+
+_ARTICLE_BEFORE_LABEL = re.compile(r"\b([Aa])n? (?=<label>)")
+
+
+def fill_template(template: str, label: str) -> str:
+    """`template` with `label` in place of <label>, and an "a" or "an" just before it chosen
+    for the label ("a <label>" with "Atlantic Puffin" gives "an Atlantic Puffin"; see
+    `indefinite_article`)."""
+    article = indefinite_article(label)
+    return _ARTICLE_BEFORE_LABEL.sub(
+        lambda m: (article if m[1] == "a" else article.capitalize()) + " ", template
+    ).replace("<label>", label)
 
 
 def _pick_templates(label: str, opts: SeedReadOptions) -> list[str]:

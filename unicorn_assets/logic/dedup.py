@@ -9,10 +9,13 @@ from itertools import combinations
 import polars as pl
 import rensa
 
-from unicorn_assets.logic.text import words
+from unicorn_assets.logic.text import fold, words
 
 
 def shingles(text: str, n: int = 3) -> list[str]:
+    """Word n-grams of `text` (`words`: any script; in scripts written without spaces, such as
+    Chinese, each character is a word, so these are character n-grams there). A text of fewer
+    than n words is one shingle."""
     toks = words(text)
     if len(toks) < n:
         return [" ".join(toks)] if toks else []
@@ -20,8 +23,9 @@ def shingles(text: str, n: int = 3) -> list[str]:
 
 
 def exact_duplicate_mask(texts: pl.Series) -> pl.Series:
-    """True for every text whose case- and punctuation-folded form appeared earlier."""
-    folded = texts.str.to_lowercase().str.replace_all(r"[^a-z0-9]+", " ").str.strip_chars()
+    """True for every text whose folded form (`fold`: its words in any script, case, punctuation
+    and spacing ignored) appeared earlier."""
+    folded = pl.Series(texts.name, [None if t is None else fold(t) for t in texts], dtype=pl.String)
     return ~folded.is_first_distinct()
 
 

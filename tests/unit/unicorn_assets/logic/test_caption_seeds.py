@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -484,6 +485,81 @@ def test_a_null_caption_is_reported_as_null_not_as_missing():
     # a null caption beside a label is a label seed, in every format
     assert read(jsonl([{"caption": None, "label": "Blue Jay"}])).seeds.height == 10
     assert read(b"caption,label\n,Blue Jay\n", "l.csv").seeds.height == 10
+
+
+# ---------------------------------------------------------------- labels, ids, empty captions
+
+@pytest.mark.parametrize("label, article", [
+    ("Atlantic Puffin", "an"), ("Blue Jay", "a"), ("European Robin", "a"), ("unicorn", "a"),
+    ("Umbrella Bird", "an"), ("hourglass", "an"), ("Honey Bee", "a"), ("Airbus A380", "an"),
+    ("A380", "an"), ("F-16", "an"), ("SUV", "an"), ("UFO", "a"), ("BMW 3 Series", "a"),
+    ("NASA rocket", "a"), ("8-ball", "an"), ("Égyptienne", "an"), ("one-way sign", "a"),
+])
+def test_label_templates_choose_a_or_an(label, article):
+    result = read(jsonl([{"label": label}]))
+    assert result.seeds.height == 10
+    before_label = [m[1].lower() for c in result.seeds["caption"]
+                    if (m := re.search(rf"\b(an?) {re.escape(label)}", c, re.IGNORECASE))]
+    assert len(before_label) >= 5 and set(before_label) == {article}, before_label
+
+
+def test_a_given_id_wins_over_a_label_id_made_equal_to_it_in_either_order():
+    given = {"id": "puffin-t0", "caption": "A puffin on a cliff."}
+    label = {"id": "puffin", "label": "Atlantic Puffin"}
+    for records, label_line, given_line in (([given, label], 2, 1), ([label, given], 1, 2)):
+        result = read(jsonl(records), "ids.jsonl")
+        assert result.seeds.filter(pl.col("seed_id") == "puffin-t0")["caption"].to_list() == [
+            "A puffin on a cliff."]
+        assert result.seeds["seed_id"].is_unique().all()
+        assert result.seeds.filter(pl.col("seed_kind") == "label").height == 0
+        assert_message(only_reject(result, "duplicate_id"), "/seeds/ids.jsonl", label_line,
+                       f"label 'Atlantic Puffin' makes the seed id 'puffin-t0' (its id plus a "
+                       f"template number), which line {given_line} gives as its id; give this "
+                       "record (or line")
+
+
+def test_a_made_digest_id_never_takes_a_given_id():
+    caption = "A puffin on a cliff."
+    digest = stable_id("caption", caption)
+    result = read(jsonl([{"caption": caption}, {"id": digest, "caption": "A tern."}]), "d.jsonl")
+    assert result.seeds.select("seed_id", "caption").rows() == [(digest, "A tern.")]
+    assert_message(only_reject(result, "duplicate_id"), "/seeds/d.jsonl", 1,
+                   f"the digest id {digest!r} of this caption, which line 2 gives as its id")
+
+
+def test_one_id_given_to_a_label_and_a_caption_is_a_reused_id():
+    result = read(jsonl([{"id": "x", "label": "Snowy Owl"}, {"id": "x", "caption": "A tram."}]),
+                  "x.jsonl")
+    assert result.seeds.height == 10 and set(result.seeds["seed_kind"]) == {"label"}
+    assert_message(only_reject(result, "duplicate_id"), "/seeds/x.jsonl", 2,
+                   "id 'x' already used on line 1; give every record its own id")
+
+
+@pytest.mark.parametrize("caption", ["", "   ", None])
+def test_an_empty_caption_beside_a_label_makes_label_seeds_in_every_format(caption):
+    def seeds_of(result):
+        assert result.rejects.height == 0, result.rejects
+        return result.seeds.select("seed_id", "caption", "seed_kind", "label", "source_line")
+
+    record = {"id": "jay", "caption": caption, "label": "Blue Jay"}
+    from_jsonl = seeds_of(read(jsonl([record]), "e.jsonl"))
+    cell = "" if caption is None else caption
+    from_csv = seeds_of(read(f"id,caption,label\njay,{cell},Blue Jay\n".encode(), "e.csv"))
+    from_parquet = seeds_of(read(parquet(pl.DataFrame(
+        [record], schema={"id": pl.String, "caption": pl.String, "label": pl.String})),
+        "e.parquet"))
+    assert from_jsonl.height == 10 and set(from_jsonl["seed_kind"]) == {"label"}
+    assert from_jsonl.drop("source_line").equals(from_csv.drop("source_line"))
+    assert from_jsonl.equals(from_parquet)
+    assert set(from_csv["source_line"]) == {2}  # the line after the header
+
+
+def test_an_empty_caption_beside_an_empty_label_is_dropped_as_empty_in_jsonl_and_csv():
+    from_jsonl = read(jsonl([{"caption": "", "label": ""}, {"caption": "A tram."}]), "e.jsonl")
+    from_csv = read(b"caption,label\n  ,  \nA tram.,\n", "e.csv")
+    for result in (from_jsonl, from_csv):
+        assert result.seeds["caption"].to_list() == ["A tram."]
+        assert result.counts == {"empty_caption": 1}
 
 
 # ---------------------------------------------------------------- the asset, on a real instance
