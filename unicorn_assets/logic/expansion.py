@@ -16,6 +16,7 @@ from unicorn_assets.logic.text import (
     normalise_ws,
     stable_id,
     stable_int,
+    word_count_expr,
     words,
 )
 
@@ -124,7 +125,7 @@ def assemble_captions(plan: pl.DataFrame, completions: Sequence, model_id: str,
         pl.Series("prompt_tokens", [c.prompt_tokens for c in completions], dtype=pl.Int32),
         pl.Series("completion_tokens", [c.completion_tokens for c in completions], dtype=pl.Int32),
         pl.Series("finish_reason", [c.finish_reason for c in completions], dtype=pl.String),
-    ).with_columns(pl.col("caption").str.count_matches(r"\S+").cast(pl.Int32).alias("n_words"))
+    ).with_columns(word_count_expr("caption").cast(pl.Int32).alias("n_words"))
     return frame.select(CAPTION_SCHEMA.names())
 
 

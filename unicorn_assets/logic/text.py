@@ -67,6 +67,16 @@ def words(text: str) -> list[str]:
     return _WORD.findall(fold_text(text))
 
 
+# The same count in a polars expression (Rust regex, no Python per row): a space-separated run,
+# or one character of a script written without spaces. Punctuation-only runs count, as in \S+.
+_WORD_COUNT = rf"[{_NO_SPACE_SCRIPTS}]|[^\s{_NO_SPACE_SCRIPTS}]+"
+
+
+def word_count_expr(col: str) -> pl.Expr:
+    """Words of each text of `col` for length gates: "一只猫" is 3, "A red bus." is 3."""
+    return pl.col(col).str.count_matches(_WORD_COUNT)
+
+
 def fold(text: str) -> str:
     """`text` folded for exact-duplicate comparison: its words joined by single spaces (case,
     punctuation, spacing and Unicode compatibility forms ignored)."""

@@ -3,10 +3,11 @@ NFKC + casefold, one token per character in scripts written without spaces."""
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 
 from unicorn_assets.logic.expansion import new_word_count
-from unicorn_assets.logic.text import fold, indefinite_article, words
+from unicorn_assets.logic.text import fold, indefinite_article, word_count_expr, words
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -49,3 +50,9 @@ def test_a_chinese_caption_has_new_words_against_its_seed():
 ])
 def test_indefinite_article(phrase, article):
     assert indefinite_article(phrase) == article
+
+
+def test_word_count_expr_counts_words_of_spaceless_scripts_per_character():
+    texts = pl.Series("t", ["一只黑白相间的猫", "A red bus, parked.", "café 猫", ""])
+    counts = pl.DataFrame([texts]).select(word_count_expr("t"))["t"].to_list()
+    assert counts == [8, 4, 2, 0]
