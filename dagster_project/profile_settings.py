@@ -32,6 +32,7 @@ from unicorn_assets.instructions import InstructionDefaults
 from unicorn_resources.clip import OpenClipResource
 from unicorn_resources.diffusion import SdxlResource
 from unicorn_resources.llm import FakeLLM, LlamaCppLLM, OpenAILLM, TransformersLLM, VllmLLM
+from unicorn_resources.llm2clip import Llm2ClipResource
 from unicorn_resources.quality_gates import QualityGates
 from unicorn_resources.seed_source import SeedSource
 from unicorn_resources.storage import ParquetIOManager
@@ -43,7 +44,8 @@ LLM_BACKENDS: dict[str, type[dg.ConfigurableResource]] = {
     "openai": OpenAILLM,
     "fake": FakeLLM,
 }
-CLIP_BACKENDS: dict[str, type[dg.ConfigurableResource]] = {"open_clip": OpenClipResource}
+CLIP_BACKENDS: dict[str, type[dg.ConfigurableResource]] = {"open_clip": OpenClipResource,
+                                                           "llm2clip": Llm2ClipResource}
 DIFFUSION_BACKENDS: dict[str, type[dg.ConfigurableResource]] = {"sdxl": SdxlResource}
 DEFAULT_BACKEND = {"llm": "llama_cpp", "clip": "open_clip", "diffusion": "sdxl"}
 

@@ -23,7 +23,7 @@ from unicorn_assets.checks import (
     frame_check,
     standard_checks,
 )
-from unicorn_assets.logic import modality
+from unicorn_assets.logic import modality, tokens
 from unicorn_assets.logic.quality import Outcome, schema_matches
 from unicorn_assets.metadata import (
     KINDS,
@@ -79,8 +79,9 @@ def _unit_norms(df: pl.DataFrame, q: QualityGates) -> Outcome:
                                    1 + q.embedding_norm_tolerance)
 
 
-def caption_embedding_checks(embedding_dim: int) -> list[Check]:
-    """The checks of one shard's embeddings, for a CLIP model of width `embedding_dim`."""
+def caption_embedding_checks(embedding_dim: int, max_text_tokens: int = 0) -> list[Check]:
+    """The checks of one shard's embeddings, for a CLIP model of width `embedding_dim` that reads
+    `max_text_tokens` tokens of a caption."""
     return [
         *standard_checks("caption_embeddings", schema=modality.CAPTION_EMBEDDING_SCHEMA,
                          id_column="caption_id",
@@ -98,7 +99,19 @@ def caption_embedding_checks(embedding_dim: int) -> list[Check]:
                     blocking=True, description="no NaN or Inf in any embedding"),
         frame_check("caption_embeddings", "norms_in_range", _unit_norms, blocking=True,
                     description="every L2 norm within quality_gates.embedding_norm_tolerance of 1"),
+        # Not blocking: a cut caption still has a valid embedding, of its beginning only.
+        Check("caption_embeddings", "truncated_share", lambda frames, q: tokens.truncated_share_within(
+            frames["caption_tokens"], q.max_truncated_share, max_text_tokens), blocking=False,
+            description="at most quality_gates.max_truncated_share of the captions are longer "
+                        "than the tokens the text encoder reads (their ends would be cut)"),
     ]
+
+
+def token_metadata(counted: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+    """The shard's caption lengths in the encoder's tokens and the share cut, as numbers."""
+    return {name: dg.MetadataValue.int(value) if isinstance(value, int)
+            else dg.MetadataValue.float(value)
+            for name, value in tokens.token_summary(counted).items()}
 
 
 @dg.asset(
@@ -120,22 +133,30 @@ def caption_embedding_checks(embedding_dim: int) -> list[Check]:
 def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
                        quality_gates: QualityGates, expanded_captions: pl.DataFrame
                        ) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    texts = expanded_captions["caption"].to_list()
+    token_counts = tokens.token_frame(expanded_captions["caption_id"].to_list(),
+                                      clip.count_tokens(texts), clip.max_text_tokens)
     started = time.perf_counter()
-    vectors = clip.encode_text(expanded_captions["caption"].to_list())
+    vectors = clip.encode_text(texts)
     seconds = time.perf_counter() - started
     frame = modality.caption_embeddings_frame(expanded_captions, vectors, clip.model_id)
     context.log.info(f"{frame.height} captions encoded in {seconds:.1f}s by {clip.model_id}")
     frames = split_by_shard(frame, context.partition_keys)
-    add_shard_metadata(context, "caption_embeddings", lambda key: frame_metadata(
-        frames[key], ["caption_id", "shard", "model_id"], CAPTION_EMBEDDING_COLUMNS))
+    counted = split_by_shard(token_counts.with_columns(expanded_captions["shard"]),
+                             context.partition_keys)
+    add_shard_metadata(context, "caption_embeddings", lambda key: {
+        **frame_metadata(frames[key], ["caption_id", "shard", "model_id"],
+                         CAPTION_EMBEDDING_COLUMNS),
+        **token_metadata(counted[key])})
     yield dg.Output(frames, metadata={
         "shards_in_run": len(frames), "encode_seconds": round(seconds, 3),
         "embeddings_per_second": round(frame.height / seconds, 1) if seconds > 0 else 0.0,
         **clip_metadata(clip)})
     captions = split_by_shard(expanded_captions, context.partition_keys)
-    yield from evaluate(caption_embedding_checks(clip.embedding_dim),
+    yield from evaluate(caption_embedding_checks(clip.embedding_dim, clip.max_text_tokens),
                         by_shard(context.partition_keys, caption_embeddings=frames,
-                                 expanded_captions=captions), quality_gates)
+                                 expanded_captions=captions, caption_tokens=counted),
+                        quality_gates)
 
 
 # --- corpus-wide -------------------------------------------------------------------------------

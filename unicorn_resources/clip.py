@@ -20,7 +20,7 @@ UNTRAINED_CLIP_NOTE = ("untrained CLIP (random weights): embeddings and similari
 
 
 class ClipResource(dg.ConfigurableResource, ABC):
-    """A joint text/image encoder. Backends: open_clip."""
+    """A joint text/image encoder. Backends: open_clip (this module), llm2clip (llm2clip.py)."""
 
     @property
     @abstractmethod
@@ -45,6 +45,17 @@ class ClipResource(dg.ConfigurableResource, ABC):
     def runtime(self) -> dict[str, Any]:
         """Where and how the model runs (device, dtype, batch size), for metadata."""
         return {}
+
+    @property
+    @abstractmethod
+    def max_text_tokens(self) -> int:
+        """The most tokens of one text (special tokens included) that reach its embedding; the
+        tokens of a longer text after these are cut (truncated)."""
+
+    @abstractmethod
+    def count_tokens(self, texts: Sequence[str]) -> np.ndarray:
+        """int64 (len(texts),): each text's length in the encoder's own tokens, special tokens
+        included, before any truncation. A text is truncated when this is above max_text_tokens."""
 
     @abstractmethod
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -83,6 +94,13 @@ class OpenClipResource(ClipResource):
     batch_size: int = Field(256, ge=1, le=65536)
     init_seed: int = Field(0, ge=0)  # seed of the random weights when pretrained is None
     cache_dir: str | None = None  # where pretrained weights were fetched to beforehand
+    # A text longer than the model's context (77 tokens for CLIP): `truncate` cuts it (open_clip's
+    # own behaviour); `chunk_mean` encodes overlapping windows of the context's size, each to a
+    # unit vector, and takes the normalised mean of them, so every token up to max_chunks windows
+    # reaches the embedding. A text that fits the context gives the same vector either way.
+    long_text: Literal["truncate", "chunk_mean"] = "truncate"
+    chunk_overlap: int = Field(16, ge=0, le=64)  # tokens two neighbouring windows share
+    max_chunks: int = Field(8, ge=1, le=64)  # windows per text at most; tokens past them are cut
 
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
@@ -121,11 +139,32 @@ class OpenClipResource(ClipResource):
         return self.pretrained is not None
 
     @property
+    def context_length(self) -> int:
+        """Tokens the text tower reads in one pass, start and end tokens included (77 for CLIP)."""
+        return int(self._config()["text_cfg"].get("context_length", 77))
+
+    def _window(self) -> tuple[int, int]:
+        """(content tokens per window, stride between window starts) for long_text=chunk_mean."""
+        width = self.context_length - 2  # the start and end tokens wrap each window
+        if self.chunk_overlap >= width:
+            raise ValueError(f"clip.chunk_overlap ({self.chunk_overlap}) must be below the "
+                             f"{width} content tokens of {self.model_name}'s context; lower it")
+        return width, width - self.chunk_overlap
+
+    @property
+    def max_text_tokens(self) -> int:
+        if self.long_text == "truncate":
+            return self.context_length
+        width, stride = self._window()
+        return 2 + width + (self.max_chunks - 1) * stride
+
+    @property
     def runtime(self) -> dict[str, Any]:
         """Where and how the model runs (after loading): device, dtype, current batch size."""
         self._load()
         return {"device": self._device, "dtype": str(self._dtype).removeprefix("torch."),
-                "batch_size": self._batcher.batch_size}
+                "batch_size": self._batcher.batch_size, "long_text": self.long_text,
+                "max_text_tokens": self.max_text_tokens}
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._load(context.log.warning if context.log else None)
@@ -166,14 +205,75 @@ class OpenClipResource(ClipResource):
 
         def run(batch: Sequence[Any]) -> np.ndarray:
             with torch.inference_mode():
-                features = encode(to_tensor(batch).to(self._device)).float()
+                inputs = to_tensor(batch)
+                inputs = (tuple(t.to(self._device) for t in inputs) if isinstance(inputs, tuple)
+                          else inputs.to(self._device))
+                features = encode(inputs).float()
                 return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
         return np.concatenate(self._batcher.map(run, items)).astype(np.float32, copy=False)
 
-    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+    def _bpe(self) -> Any:
+        """The tokenizer, when it is open_clip's CLIP BPE tokenizer (encode, start/end ids)."""
+        tok = self._tokenizer
+        return tok if all(hasattr(tok, a) for a in ("encode", "sot_token_id", "eot_token_id")) \
+            else None
+
+    def count_tokens(self, texts: Sequence[str]) -> np.ndarray:
         self._load()
-        return self._encode(list(texts), self._tokenizer, self._model.encode_text)
+        if bpe := self._bpe():
+            counts = [len(bpe.encode(text)) + 2 for text in texts]
+        else:  # a Hugging Face tokenizer inside open_clip (e.g. SigLIP)
+            counts = [len(self._tokenizer.tokenizer(text)["input_ids"]) for text in texts]
+        return np.asarray(counts, dtype=np.int64).reshape(len(texts))
+
+    def _chunk_rows(self, text: str) -> list[list[int]]:
+        """The token rows (start, window, end) of one text: one row when it fits the context,
+        else overlapping windows, the last one ending at the text's last token."""
+        bpe = self._bpe()
+        ids = bpe.encode(text)
+        width, stride = self._window()
+        if len(ids) <= width:
+            starts = [0]
+        else:
+            starts = list(range(0, len(ids) - width, stride)) + [len(ids) - width]
+            if len(starts) > self.max_chunks:  # cut: the first max_chunks windows
+                starts = [k * stride for k in range(self.max_chunks)]
+        return [[bpe.sot_token_id, *ids[s : s + width], bpe.eot_token_id] for s in starts]
+
+    def _chunk_mean_tokens(self, batch: Sequence[str]):
+        """(token tensor of every window of `batch`, index of the text each window belongs to)."""
+        import torch
+
+        rows, owner = [], []
+        for i, text in enumerate(batch):
+            for row in self._chunk_rows(text):
+                rows.append(row)
+                owner.append(i)
+        tokens = torch.zeros(len(rows), self.context_length, dtype=torch.long)
+        for r, row in enumerate(rows):
+            tokens[r, : len(row)] = torch.tensor(row)
+        return tokens, torch.tensor(owner)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        self._load()
+        if self.long_text == "truncate":
+            return self._encode(list(texts), self._tokenizer, self._model.encode_text)
+        if self._bpe() is None:
+            raise ValueError(f"clip.long_text: chunk_mean needs open_clip's CLIP tokenizer, and "
+                             f"{self.model_name} has another; set clip.long_text: truncate")
+
+        def chunk_mean(tokens_and_owner):
+            tokens, owner = tokens_and_owner
+            windows = torch.nn.functional.normalize(
+                self._model.encode_text(tokens).float(), dim=-1)
+            sums = torch.zeros(int(owner.max()) + 1, windows.shape[1], device=windows.device)
+            sums.index_add_(0, owner, windows)
+            return sums  # _encode normalises: the mean's direction
+
+        return self._encode(list(texts), self._chunk_mean_tokens, chunk_mean)
 
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         import torch

@@ -27,6 +27,9 @@ class QualityGates(dg.ConfigurableResource):
     # the mean of the shifted (unnormalised) text embeddings within this L2 distance of its target
     embedding_norm_tolerance: float = Field(1e-3, ge=0, le=1)
     transfer_mean_tolerance: float = Field(1e-4, ge=0, le=1)
+    # share of captions longer than the tokens the text encoder reads (their ends are cut); the
+    # caption_embeddings check truncated_share is not blocking (ours)
+    max_truncated_share: float = Field(0.05, ge=0, le=1)
     # SynthVLM: median CLIPScore floor of the rendered images (0 for untrained encoders; README)
     synthvlm_min_median_clipscore: float = Field(0.0, ge=0, le=100)
 

@@ -304,3 +304,45 @@ def test_the_cli_prints_a_profile_error_without_a_traceback(tmp_path):
     assert done.returncode == 2
     assert f"{path}: llm.backnd is not a setting; did you mean llm.backend?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_llm2clip_backend_is_a_profile_choice(tmp_path, offline, monkeypatch):
+    from unicorn_resources.llm2clip import Llm2ClipResource
+
+    defs = _load_file(tmp_path, monkeypatch, "clip: {backend: llm2clip, llm_path: /m/llm, "
+                      "clip_path: /m/clip}")
+    clip = defs.resources["clip"]
+    assert isinstance(clip, Llm2ClipResource)
+    assert (clip.max_length, clip.trust_remote_code) == (512, False)  # read, not loaded
+    assert clip._llm is None
+    with pytest.raises(ProfileError, match=r"my\.yaml: clip\.clip_path is missing: backend "
+                       r"llm2clip needs it"):
+        _load_file(tmp_path, monkeypatch, "clip: {backend: llm2clip, llm_path: /m/llm}")
+    with pytest.raises(ProfileError, match=r"clip\.long_text = 'chunk' is not one of "
+                       r"'truncate', 'chunk_mean'; did you mean 'chunk_mean'\?"):
+        _load_file(tmp_path, monkeypatch, "clip: {backend: open_clip, long_text: chunk}")
+
+
+@pytest.mark.parametrize("name", ["gpu", "cluster"])
+def test_the_commented_llm2clip_block_of_the_gpu_profiles_loads(name, tmp_path, offline,
+                                                                  monkeypatch):
+    """The paper's encoder, offered commented out: uncommented, it is a valid clip section."""
+    import yaml
+
+    from unicorn_resources.llm2clip import Llm2ClipResource
+
+    lines = (PROFILE_DIR / f"{name}.yaml").read_text().splitlines()
+    start = lines.index("# clip:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:].replace("<commit hash>", "0123456789abcdef"))
+    section = yaml.safe_load("\n".join(block))["clip"]
+    profile = {**yaml.safe_load((PROFILE_DIR / f"{name}.yaml").read_text()), "clip": section,
+               "synthvlm": {"enabled": False}}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(profile))
+    monkeypatch.setenv("UNICORN_PROFILE_FILE", str(tmp_path / "my.yaml"))
+    clip = build_definitions().resources["clip"]
+    assert isinstance(clip, Llm2ClipResource) and clip.max_length == 512
+    assert build_definitions(name).resources["clip"].long_text == "chunk_mean"

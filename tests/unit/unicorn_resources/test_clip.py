@@ -124,3 +124,53 @@ def test_unknown_model_names_fail_clearly(tmp_path: Path):
         _ = OpenClipResource(model_name="nope").embedding_dim
     with pytest.raises(FileNotFoundError, match="model_config_path"):
         _ = OpenClipResource(model_config_path=str(tmp_path / "missing.json")).embedding_dim
+
+
+def _long_caption(change_at: int | None = None) -> str:
+    scene = "a red bus parked beside a brick building while two dogs play in the snow near a woman"
+    words = [*scene.split(" "), "at", "the", "table"] * 8  # 168 words, about 170 CLIP tokens
+    if change_at is not None:
+        words[change_at] = "surfboard"
+    return " ".join(words)
+
+
+def test_truncate_ignores_words_past_77_tokens_and_chunk_mean_reads_them():
+    long, changed = _long_caption(), _long_caption(change_at=120)
+    short = TEXTS[:2]
+    truncate = OpenClipResource(long_text="truncate")
+    chunked = OpenClipResource(long_text="chunk_mean", chunk_overlap=16, max_chunks=8)
+    counts = truncate.count_tokens([long, *short])
+    assert counts[0] > 120 + 2 and (counts[1:] < 77).all()
+    assert truncate.max_text_tokens == 77 and chunked.max_text_tokens == 2 + 75 + 7 * 59
+    a, b = truncate.encode_text([long, changed])
+    np.testing.assert_allclose(a, b, atol=1e-6)  # word 120 never reached the encoder
+    a, b = chunked.encode_text([long, changed])
+    assert np.abs(a - b).max() > 1e-4
+    np.testing.assert_allclose(np.linalg.norm(chunked.encode_text([long]), axis=1), 1, atol=1e-5)
+    # a text that fits the context is one window: the same vector either way
+    np.testing.assert_allclose(chunked.encode_text(short), truncate.encode_text(short), atol=1e-6)
+
+
+def test_chunk_mean_is_the_normalised_mean_of_its_windows():
+    chunked = OpenClipResource(long_text="chunk_mean", chunk_overlap=10, max_chunks=2)
+    long = _long_caption()
+    chunked._load()
+    rows = chunked._chunk_rows(long)
+    assert len(rows) == 2 and all(len(row) == 77 for row in rows)  # capped at max_chunks
+    assert rows[0][-11:-1] == rows[1][1:11]  # neighbours share chunk_overlap tokens
+    windows = [chunked._tokenizer.decode(row[1:-1]) for row in rows]
+    parts = OpenClipResource(long_text="truncate").encode_text(windows)
+    mean = parts.mean(axis=0)
+    np.testing.assert_allclose(chunked.encode_text([long])[0], mean / np.linalg.norm(mean),
+                               atol=1e-4)
+    assert chunked.max_text_tokens == 2 + 75 + 65 < chunked.count_tokens([long])[0]
+
+
+def test_chunk_overlap_must_leave_a_stride(tmp_path):
+    config = json.loads((Path(BUNDLED_MODEL_CONFIGS) / "tiny-clip.json").read_text())
+    config["text_cfg"]["context_length"] = 40
+    (tmp_path / "short-clip.json").write_text(json.dumps(config))
+    short = OpenClipResource(model_name="short-clip", model_config_path=str(tmp_path),
+                             long_text="chunk_mean", chunk_overlap=38)
+    with pytest.raises(ValueError, match=r"clip.chunk_overlap \(38\) must be below the 38"):
+        short.encode_text([_long_caption()])
