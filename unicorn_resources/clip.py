@@ -50,6 +50,12 @@ class ClipResource(dg.ConfigurableResource, ABC):
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """float32 (len(texts), embedding_dim), each row of unit L2 norm."""
 
+    def text_token_counts(self, texts: Sequence[str]) -> tuple[list[int], int] | None:
+        """(tokens per text as the text encoder's tokenizer makes them before any cut, start and
+        end tokens included; the encoder's context length): a text with more tokens than the
+        context length is truncated. None when the backend cannot tell."""
+        return None
+
     @abstractmethod
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         """float32 (len(images), embedding_dim) from PIL images, each row of unit L2 norm."""
@@ -174,6 +180,16 @@ class OpenClipResource(ClipResource):
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         self._load()
         return self._encode(list(texts), self._tokenizer, self._model.encode_text)
+
+    def text_token_counts(self, texts: Sequence[str]) -> tuple[list[int], int]:
+        self._load()
+        tokenizer = self._tokenizer
+        length = int(getattr(tokenizer, "context_length", None)
+                     or self._config()["text_cfg"].get("context_length", 77))
+        if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # CLIP's BPE
+            return [len(tokenizer.encode(text)) + 2 for text in texts], length
+        # open_clip's HFTokenizer: the Hugging Face tokenizer adds its own special tokens
+        return [len(ids) for ids in tokenizer.tokenizer(list(texts))["input_ids"]], length
 
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         import torch

@@ -25,8 +25,9 @@ class QualityGates(dg.ConfigurableResource):
     # the mean of the shifted (unnormalised) text embeddings within this L2 distance of its target
     embedding_norm_tolerance: float = Field(1e-3, ge=0, le=1)
     transfer_mean_tolerance: float = Field(1e-4, ge=0, le=1)
-    # SynthVLM: median CLIPScore floor of the rendered images (0 for untrained encoders; README)
-    synthvlm_min_median_clipscore: float = Field(0.0, ge=0, le=100)
+    # SynthVLM: floor of the rendered images' median clipped cosine max(cos, 0), the paper's CLIP
+    # scale in [0, 1] (CLIPScore / 2.5; 0 for untrained encoders; README for real models)
+    synthvlm_min_median_clip_cosine_clipped: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _words_in_order(self) -> QualityGates:
