@@ -18,6 +18,7 @@ from typing import Literal
 import dagster as dg
 import polars as pl
 from PIL import Image
+from pydantic import Field
 
 from unicorn_assets import checks
 from unicorn_assets.checks import frame_check, standard_checks, to_result
@@ -240,7 +241,8 @@ def _rejects_markdown(rejected: pl.DataFrame) -> str:
 # --- synthetic_images ----------------------------------------------------------------------------
 
 class RenderConfig(dg.Config):
-    images_per_caption: int = 2  # N of best-of-N
+    # N of best-of-N; ours 2 for CPU demos; the public SynthVLM code renders 5 (the gpu profile)
+    images_per_caption: int = Field(2, ge=1, le=64)
     image_format: Literal["png", "webp"] = "png"  # WebP is written lossless
     chunk_size: int = 32  # images rendered per step; each is written as soon as it is encoded
     folder: str = "synthetic_images"  # under the storage base: <folder>/<shard>/<image_id>.<ext>
@@ -505,9 +507,11 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
 
 class SelectionConfig(dg.Config):
     # weighted_score = clip_cosine_clipped + lambda * SSIM; 0.5 is the SynthVLM paper's lambda
-    score_lambda: float = 0.5
-    top_fraction: float = 0.5  # keep this share of the distinct captions' best images ...
-    top_k: int | None = None  # ... or exactly this many (overrides top_fraction)
+    score_lambda: float = Field(0.5, ge=0, le=10)
+    # keep this share of the distinct captions' best images (ours; the paper keeps about 10 %) ...
+    top_fraction: float = Field(0.5, ge=0, le=1)
+    # ... or exactly this many (overrides top_fraction; the paper: 100K, the gpu profile)
+    top_k: int | None = Field(None, ge=0)
     thumbnails: int = 4  # selected and rejected examples shown in the metadata
 
 
