@@ -124,3 +124,19 @@ def test_unknown_model_names_fail_clearly(tmp_path: Path):
         _ = OpenClipResource(model_name="nope").embedding_dim
     with pytest.raises(FileNotFoundError, match="model_config_path"):
         _ = OpenClipResource(model_config_path=str(tmp_path / "missing.json")).embedding_dim
+
+
+def test_token_counts_say_which_texts_the_encoder_cuts(clip):
+    """A text counted over the context length loses its tail: changing words past the 77th token
+    leaves its embedding as it was; a text within it reads whole."""
+    long = "A photo depicts " + " ".join(["a red brick house with white window frames"] * 12)
+    short = TEXTS[0]
+    (long_count, short_count), context = clip.text_token_counts([long, short])
+    assert context == 77
+    assert long_count > context >= short_count
+    # the count is the tokenizer's: start + words + end, as open_clip pads it into 77 positions
+    assert short_count == int((clip._tokenizer([short]) != 0).sum())
+    same, changed_tail = clip.encode_text([long, long + " and a blue door"])
+    np.testing.assert_allclose(same, changed_tail, atol=1e-6)
+    whole, changed = clip.encode_text([short, short + " and a blue door"])
+    assert not np.allclose(whole, changed, atol=1e-4)
