@@ -380,16 +380,15 @@ def token_table(captions: pl.DataFrame,
     """One row per distinct caption (by caption_id) and text encoder: its shard, the encoder, the
     caption's token count and the encoder's maximum. `count(texts)` gives, per encoder, (token
     counts, maximum), as DiffusionResource.prompt_token_counts does."""
+    schema = {"shard": pl.String, "encoder": pl.String, "tokens": pl.Int64, "max_tokens": pl.Int64}
     distinct = captions.unique("caption_id", keep="first", maintain_order=True)
+    if distinct.is_empty():
+        return pl.DataFrame(schema=schema)
     shards = distinct["shard"].to_list()
-    frames = [pl.DataFrame({"shard": shards, "encoder": [name] * len(counts),
-                            "tokens": counts, "max_tokens": [limit] * len(counts)},
-                           schema={"shard": pl.String, "encoder": pl.String, "tokens": pl.Int64,
-                                   "max_tokens": pl.Int64})
+    frames = [pl.DataFrame({"shard": shards, "encoder": [name] * len(counts), "tokens": counts,
+                            "max_tokens": [limit] * len(counts)}, schema=schema)
               for name, (counts, limit) in count(distinct["caption"].to_list()).items()]
-    return pl.concat(frames) if frames else pl.DataFrame(
-        schema={"shard": pl.String, "encoder": pl.String, "tokens": pl.Int64,
-                "max_tokens": pl.Int64})
+    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
 
 
 def truncation_metadata(prefix: str, tokens: pl.DataFrame) -> dict:
