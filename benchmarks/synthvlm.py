@@ -96,8 +96,10 @@ def child(folder: Path, n: int, resolution: int) -> None:
         images = pl.read_parquet(data / "synthetic_images" / f"{SHARD}.parquet")
         # every image selected, so that the export copies them all (scores do not matter here)
         images.with_columns(
-            clip_model_id=pl.lit("none"), clip_pretrained=False, clip_cosine=0.3, clipscore=0.75,
-            ssim=0.9, score=1.2, best_of_n=True, selected=True, reason=pl.lit(None, pl.String),
+            clip_model_id=pl.lit("none"), clip_pretrained=False, clip_cosine=0.3,
+            clip_cosine_clipped=0.3, clipscore_x2_5=0.75, ssim=0.9, weighted_score=0.75,
+            best_of_n=True, selected=True, reason=pl.lit(None, pl.String),
+            duplicate_of=pl.lit(None, pl.String),
             rank=pl.int_range(pl.len(), dtype=pl.Int64), score_lambda=0.5, target_fraction=1.0,
             target_k=pl.lit(None, pl.Int64),
         ).select(logic.SELECTION_SCHEMA.names()).cast(dict(logic.SELECTION_SCHEMA)).write_parquet(

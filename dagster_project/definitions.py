@@ -37,6 +37,11 @@ def build_definitions(profile_name: str | None = None) -> dg.Definitions:
     automation = AutomationSettings.from_profile(profile)
     op_configs = profile_op_config(profile)
     job_names = [spec["name"] for spec in JOB_SPECS + (SYNTHVLM_JOB_SPECS if synthvlm else [])]
+    if not synthvlm:  # the switched-off branch's job settings stay in the file, unused
+        switched_off = {spec["name"] for spec in SYNTHVLM_JOB_SPECS}
+        profile = {**profile, "run_config": {name: config for name, config
+                                             in (profile.get("run_config") or {}).items()
+                                             if name not in switched_off}}
     jobs = build_jobs(job_run_configs(profile, job_names), synthvlm)
     shard_job = next(job for job in jobs if job.name == unicorn_shard_job.name)
     assets = with_recipe_versions(ASSETS + (synthvlm_assets if synthvlm else []), resources,

@@ -56,7 +56,7 @@ SYNTHVLM_JOB = {
                                           "image_scores"),
     "partitions_def": seed_shards,
     "description": "SynthVLM per shard: choose captions, render them with SDXL, score the images "
-    "(CLIPScore, SSIM). Needs Stage 1's expanded_captions of the shard.",
+    "(clipped CLIP cosine, CLIPScore, SSIM). Needs Stage 1's expanded_captions of the shard.",
 }
 SYNTHVLM_CORPUS_JOB = {
     "name": "synthvlm_corpus_job",

@@ -1,5 +1,7 @@
 """The SynthVLM branch (asset group `synthvlm`, off the nightly job): render expanded captions into
-images with SDXL, score them by CLIPScore and encoder-resize SSIM, keep the best, export LLaVA data.
+images with SDXL, score them by CLIP similarity and encoder-resize SSIM, keep the best, export
+LLaVA data. Scores are named by their scale (see unicorn_assets/logic/synthvlm.py): the ranking
+uses the paper's clip_cosine_clipped + lambda * ssim; CLIPScore (x2.5) is reported beside it.
 
 Per shard: `synthvlm_candidates` -> `synthetic_images` (files under the storage base) -> `image_scores`.
 Corpus-wide: `synthvlm_selection` -> `synthvlm_dataset` (an export folder with its manifest).
@@ -16,6 +18,7 @@ from typing import Literal
 import dagster as dg
 import polars as pl
 from PIL import Image
+from pydantic import Field
 
 from unicorn_assets import checks
 from unicorn_assets.checks import frame_check, standard_checks, to_result
@@ -54,10 +57,13 @@ GROUP = "synthvlm"
 # Files (images, exports) go under the IO manager's storage base, local or s3://.
 Storage = dg.ResourceParam[ParquetIOManager]
 EXPORT_SCHEMA = pl.Schema({"id": pl.String, "image": pl.String, "caption": pl.String,
-                           "prompt": pl.String, "shard": pl.String, "score": pl.Float64,
+                           "prompt": pl.String, "shard": pl.String,
+                           "weighted_score": pl.Float64, "clip_cosine_clipped": pl.Float64,
+                           "clipscore_x2_5": pl.Float64, "ssim": pl.Float64,
                            "sha256": pl.String})
-# Owners, stage tag and code version of every SynthVLM asset.
-ASSET_META = {"owners": OWNERS, "tags": stage_tags("synthvlm"), "code_version": "1"}
+# Owners, stage tag and code version of every SynthVLM asset (2: scores on the paper's scale,
+# columns named by their scale, duplicate captions dropped before top-K).
+ASSET_META = {"owners": OWNERS, "tags": stage_tags("synthvlm"), "code_version": "2"}
 
 # Each asset's checks, evaluated inside it on the frames it just built. Those that verify the
 # stored files (files_decode, records_resolve) stay separate steps: see the end of this module.
@@ -69,25 +75,29 @@ IMAGE_CHECKS = standard_checks(
     required=["image_id", "caption_id", "uri", "sha256", "seed"])
 SCORE_CHECKS = [
     *standard_checks("image_scores", schema=logic.SCORE_SCHEMA, id_column="image_id",
-                     required=["image_id", "clipscore", "ssim"]),
+                     required=["image_id", "clip_cosine_clipped", "ssim"]),
     frame_check("image_scores", "no_nan_scores", lambda df, q: logic.no_nan_scores(df),
-                blocking=True, description="no NaN or missing CLIPScore, cosine or SSIM"),
+                blocking=True, description="no NaN or missing cosine, clipped cosine, CLIPScore "
+                "or SSIM"),
     frame_check("image_scores", "score_ranges",
-                lambda df, q: logic.score_ranges(df, q.synthvlm_min_median_clipscore),
-                blocking=True, description="cosine and SSIM in [-1, 1], CLIPScore in [0, w], "
-                "median CLIPScore over quality_gates.synthvlm_min_median_clipscore"),
+                lambda df, q: logic.score_ranges(df, q.synthvlm_min_median_clip_cosine_clipped),
+                blocking=True, description="cosine and SSIM in [-1, 1], clip_cosine_clipped = "
+                "max(cos, 0), clipscore_x2_5 = 2.5 * clip_cosine_clipped, and the median "
+                "clip_cosine_clipped over quality_gates.synthvlm_min_median_clip_cosine_clipped"),
     checks.Check("image_scores", "every_image_scored", lambda frames, q: logic.scores_cover_images(
         frames["image_scores"], frames["synthetic_images"]), blocking=True,
         description="the scores cover exactly the shard's images"),
 ]
 SELECTION_CHECKS = [
     *standard_checks("synthvlm_selection", schema=logic.SELECTION_SCHEMA, id_column="image_id",
-                     required=["image_id", "score", "uri"]),
+                     required=["image_id", "weighted_score", "uri"]),
     frame_check("synthvlm_selection", "selection_ratio", lambda df, q: logic.selection_ratio(df),
-                blocking=True, description="one best image per caption, and as many selected as "
-                "the configured top fraction / top K gives"),
+                blocking=True, description="one best image per caption, as many selected as the "
+                "configured top fraction / top K of the distinct captions gives, no caption text "
+                "selected twice"),
     frame_check("synthvlm_selection", "no_nan_scores",
-                lambda df, q: logic.no_nan_scores(df, ("clipscore", "ssim", "score")),
+                lambda df, q: logic.no_nan_scores(df, ("clip_cosine_clipped", "ssim",
+                                                       "weighted_score")),
                 blocking=True, description="no NaN or missing score"),
 ]
 DATASET_CHECKS = standard_checks("synthvlm_dataset", schema=EXPORT_SCHEMA, id_column="id",
@@ -231,7 +241,8 @@ def _rejects_markdown(rejected: pl.DataFrame) -> str:
 # --- synthetic_images ----------------------------------------------------------------------------
 
 class RenderConfig(dg.Config):
-    images_per_caption: int = 2  # N of best-of-N
+    # N of best-of-N; ours 2 for CPU demos; the public SynthVLM code renders 5 (the gpu profile)
+    images_per_caption: int = Field(2, ge=1, le=64)
     image_format: Literal["png", "webp"] = "png"  # WebP is written lossless
     chunk_size: int = 32  # images rendered per step; each is written as soon as it is encoded
     folder: str = "synthetic_images"  # under the storage base: <folder>/<shard>/<image_id>.<ext>
@@ -353,11 +364,43 @@ def synthetic_images(context: dg.AssetExecutionContext, config: RenderConfig,
                 [(i, caption, {}) for i, caption in thumbs]))}
     if not diffusion.is_pretrained:
         meta["model_note"] = UNTRAINED_NOTE
+    # How many captions SDXL's 77-token text encoders cut: the renderer never sees their tail.
+    tokens = token_table(synthvlm_candidates, diffusion.prompt_token_counts)
+    meta.update(truncation_metadata("sdxl_prompt", tokens))
     add_shard_metadata(context, "synthetic_images", lambda key: frame_metadata(
-        out[key], ["image_id", "image_index", "seed", "uri"]))
+        out[key], ["image_id", "image_index", "seed", "uri"],
+        **truncation_metadata("sdxl_prompt", tokens.filter(pl.col("shard") == key))))
     yield dg.Output(out, metadata=meta)
     yield from checks.evaluate(IMAGE_CHECKS, checks.by_shard(
         context.partition_keys, synthetic_images=out), quality_gates)
+
+
+def token_table(captions: pl.DataFrame,
+                count: Callable[[list[str]], Mapping[str, tuple[list[int], int]]]) -> pl.DataFrame:
+    """One row per distinct caption (by caption_id) and text encoder: its shard, the encoder, the
+    caption's token count and the encoder's maximum. `count(texts)` gives, per encoder, (token
+    counts, maximum), as DiffusionResource.prompt_token_counts does."""
+    schema = {"shard": pl.String, "encoder": pl.String, "tokens": pl.Int64, "max_tokens": pl.Int64}
+    distinct = captions.unique("caption_id", keep="first", maintain_order=True)
+    if distinct.is_empty():
+        return pl.DataFrame(schema=schema)
+    shards = distinct["shard"].to_list()
+    frames = [pl.DataFrame({"shard": shards, "encoder": [name] * len(counts), "tokens": counts,
+                            "max_tokens": [limit] * len(counts)}, schema=schema)
+              for name, (counts, limit) in count(distinct["caption"].to_list()).items()]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+
+
+def truncation_metadata(prefix: str, tokens: pl.DataFrame) -> dict:
+    """`<prefix>_truncation`: per encoder, the share of captions it truncates and the token-count
+    distribution; `<prefix>_truncated_share`: the largest of those shares (a number the UI plots
+    over materialisations). Nothing when the backend cannot count tokens."""
+    if tokens.is_empty():
+        return {}
+    per_encoder = {name: logic.truncation(group["tokens"].to_list(), int(group["max_tokens"][0]))
+                   for (name,), group in tokens.group_by("encoder", maintain_order=True)}
+    return {f"{prefix}_truncation": dg.MetadataValue.json(per_encoder),
+            f"{prefix}_truncated_share": max(v["truncated_share"] for v in per_encoder.values())}
 
 
 def _stored_image(io_manager: ParquetIOManager, uri: str) -> Image.Image:
@@ -391,15 +434,15 @@ def synthetic_images_files_decode(io_manager: Storage, synthetic_images: pl.Data
 # --- image_scores --------------------------------------------------------------------------------
 
 class ScoreConfig(dg.Config):
-    clip_weight: float = 2.5  # w of CLIPScore = w * max(cos, 0)
     prompt_prefix: str = logic.CLIPSCORE_PREFIX
     ssim_size: int | None = None  # None: the CLIP encoder's input size (336 for ViT-L-14-336)
     chunk_size: int = 64  # images decoded and scored at a time
 
 
 @dg.asset(
-    description="Per image: CLIPScore (w * max(cos, 0), raw cosine kept) with the CLIP resource, "
-    "and SSIM between the image and its round trip through the vision encoder's resize.",
+    description="Per image, with the CLIP resource: the cosine, the paper's clipped cosine "
+    "max(cos, 0) and CLIPScore 2.5 * max(cos, 0); and SSIM between the image and its round trip "
+    "through the vision encoder's resize.",
     partitions_def=seed_shards, group_name=GROUP, backfill_policy=SHARD_BACKFILL, pool="gpu",
     kinds={"polars", "parquet"}, retry_policy=MODEL_RETRY, op_tags=GPU_OP_TAGS, **ASSET_META,
     check_specs=checks.check_specs(SCORE_CHECKS),
@@ -422,12 +465,12 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
                                             "re-materialise synthetic_images for this shard")
                 images.append(img.decode_image(data))
             texts = logic.clipscore_texts(chunk["caption"].to_list(), config.prompt_prefix)
-            cosine, score = logic.clip_scores(clip.encode_images(images), clip.encode_text(texts),
-                                              config.clip_weight)
+            cosine, clipped, clipscore = logic.clip_scores(clip.encode_images(images),
+                                                           clip.encode_text(texts))
             parts.append(chunk.select("image_id", "caption_id", "shard", "image_index").with_columns(
                 pl.Series("clip_cosine", cosine, dtype=pl.Float64),
-                pl.Series("clipscore", score, dtype=pl.Float64),
-                pl.lit(config.clip_weight, dtype=pl.Float64).alias("clip_weight"),
+                pl.Series("clip_cosine_clipped", clipped, dtype=pl.Float64),
+                pl.Series("clipscore_x2_5", clipscore, dtype=pl.Float64),
                 pl.Series("ssim", [img.resize_ssim(i, ssim_size) for i in images],
                           dtype=pl.Float64),
                 pl.lit(ssim_size, dtype=pl.Int32).alias("ssim_size"),
@@ -436,14 +479,23 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
             ))
         out[key] = pl.concat(parts) if parts else pl.DataFrame(schema=logic.SCORE_SCHEMA)
     meta = {"shards_in_run": len(out), "clip_model": clip.model_id, "ssim_size": ssim_size,
-            "prompt_prefix": config.prompt_prefix, "clip_weight": config.clip_weight,
+            "prompt_prefix": config.prompt_prefix, "clipscore_weight": logic.CLIPSCORE_WEIGHT,
             "score_seconds": round(time.perf_counter() - started, 2)}
     if not clip.is_pretrained:
         meta["model_note"] = UNTRAINED_CLIP_NOTE
+    # How many CLIPScore texts ("A photo depicts <caption>") CLIP's text encoder cuts.
+    captions = synthetic_images.unique("caption_id", keep="first", maintain_order=True)
+    tokens = token_table(captions.with_columns(pl.Series(
+        "caption", logic.clipscore_texts(captions["caption"].to_list(), config.prompt_prefix),
+        dtype=pl.String)),
+        lambda texts: {"clip": (clip.count_tokens(texts).tolist(), clip.max_text_tokens)})
+    meta.update(truncation_metadata("clip_text", tokens))
     add_shard_metadata(context, "image_scores", lambda key: frame_metadata(
-        out[key], ["image_id", "clip_cosine", "clipscore", "ssim"],
-        clipscore=logic.distribution(out[key]["clipscore"]),
-        ssim=logic.distribution(out[key]["ssim"])))
+        out[key], ["image_id", "clip_cosine", "clip_cosine_clipped", "clipscore_x2_5", "ssim"],
+        clip_cosine_clipped=logic.distribution(out[key]["clip_cosine_clipped"]),
+        clipscore_x2_5=logic.distribution(out[key]["clipscore_x2_5"]),
+        ssim=logic.distribution(out[key]["ssim"]),
+        **truncation_metadata("clip_text", tokens.filter(pl.col("shard") == key))))
     yield dg.Output(out, metadata=meta)
     yield from checks.evaluate(SCORE_CHECKS, checks.by_shard(
         context.partition_keys, image_scores=out,
@@ -453,16 +505,20 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
 # --- synthvlm_selection (corpus-wide) ------------------------------------------------------------
 
 class SelectionConfig(dg.Config):
-    score_lambda: float = 0.5  # score = CLIPScore + lambda * SSIM
-    top_fraction: float = 0.5  # keep this share of the captions' best images ...
-    top_k: int | None = None  # ... or exactly this many (overrides top_fraction)
+    # weighted_score = clip_cosine_clipped + lambda * SSIM; 0.5 is the SynthVLM paper's lambda
+    score_lambda: float = Field(0.5, ge=0, le=10)
+    # keep this share of the distinct captions' best images (ours; the paper keeps about 10 %) ...
+    top_fraction: float = Field(0.5, ge=0, le=1)
+    # ... or exactly this many (overrides top_fraction; the paper: 100K, the gpu profile)
+    top_k: int | None = Field(None, ge=0)
     thumbnails: int = 4  # selected and rejected examples shown in the metadata
 
 
 @dg.asset(
-    description="Per caption the best of its N images by CLIPScore + lambda * SSIM, then the global "
-    "top fraction (or top K); every image is listed with its status, threshold and distributions "
-    "in the metadata.",
+    description="Per caption the best of its N images by the paper's weighted score, clipped "
+    "cosine max(cos, 0) + lambda * SSIM; exact duplicate captions dropped; then the global top "
+    "fraction (or top K) of the distinct captions. Every image is listed with its status; "
+    "thresholds and distributions are in the metadata.",
     group_name=GROUP, kinds={"polars", "parquet"}, **ASSET_META,
     check_specs=checks.check_specs(SELECTION_CHECKS, partitions_def=None),
 )
@@ -483,8 +539,9 @@ def synthvlm_selection(context: dg.AssetExecutionContext, config: SelectionConfi
     summary = logic.selection_summary(selection)
     histograms = _histograms(io_manager, selection)
     yield dg.Output(selection, metadata=frame_metadata(
-        selection, ["image_id", "clipscore", "ssim", "score", "selected", "reason"],
-        **summary, score_lambda=config.score_lambda,
+        selection, ["image_id", "clip_cosine_clipped", "ssim", "weighted_score", "selected",
+                    "reason"],
+        **summary, score_lambda=config.score_lambda, score_formula=SCORE_FORMULA,
         rule=f"top {config.top_k}" if config.top_k is not None else f"top {config.top_fraction:.0%}",
         examples=dg.MetadataValue.md(_examples(io_manager, selection, config.thumbnails)),
         **histograms))
@@ -492,11 +549,15 @@ def synthvlm_selection(context: dg.AssetExecutionContext, config: SelectionConfi
                                quality_gates)
 
 
+SCORE_FORMULA = "weighted_score = clip_cosine_clipped + lambda * ssim"
+
+
 def _histograms(io_manager: ParquetIOManager, selection: pl.DataFrame) -> dict:
-    """CLIPScore and SSIM histograms before/after selection: PNG files under the storage base and
-    the same images inline in Markdown."""
+    """Clipped-cosine, SSIM and weighted-score histograms before/after selection: PNG files under
+    the storage base and the same images inline in Markdown."""
     meta = {}
-    for column, title in (("clipscore", "CLIPScore"), ("ssim", "SSIM")):
+    for column, title in (("clip_cosine_clipped", "max(CLIP cosine, 0)"), ("ssim", "SSIM"),
+                          ("weighted_score", "weighted score")):
         png = img.histogram_png(title, {
             "all images": selection[column].to_list(),
             "selected": selection.filter("selected")[column].to_list()})
@@ -512,7 +573,7 @@ def _histograms(io_manager: ParquetIOManager, selection: pl.DataFrame) -> dict:
 def _examples(io_manager: ParquetIOManager, selection: pl.DataFrame, n: int) -> str:
     read = file_reader(io_manager)
     chosen = selection.filter("selected").head(n)
-    rejected = selection.filter(~pl.col("selected")).sort("score").head(n)
+    rejected = selection.filter(~pl.col("selected")).sort("weighted_score").head(n)
     rows = []
     for status, frame in (("selected", chosen), ("rejected", rejected)):
         for row in frame.iter_rows(named=True):
@@ -521,8 +582,9 @@ def _examples(io_manager: ParquetIOManager, selection: pl.DataFrame, n: int) -> 
                 continue
             rows.append((img.decode_image(data), row["caption"], {
                 "status": status if status == "selected" else row["reason"],
-                "CLIPScore": f"{row['clipscore']:.3f}", "SSIM": f"{row['ssim']:.3f}",
-                "score": f"{row['score']:.3f}"}))
+                "max(cos, 0)": f"{row['clip_cosine_clipped']:.3f}",
+                "SSIM": f"{row['ssim']:.3f}",
+                "weighted score": f"{row['weighted_score']:.3f}"}))
     return _thumbnail_table(rows)
 
 
@@ -588,11 +650,18 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
                    "duplicates_dropped": duplicates,
                    "captions": int(synthvlm_selection["best_of_n"].sum()),
                    "by_shard": dict(sorted(chosen.group_by("shard").len().iter_rows()))},
-        "selection": {"score": "clipscore + lambda * ssim",
+        "selection": {"score": SCORE_FORMULA,
                       "lambda": first["score_lambda"].item() if first.height else None,
                       "target_fraction": first["target_fraction"].item() if first.height else None,
                       "target_k": first["target_k"].item() if first.height else None,
-                      "score_threshold": float(chosen["score"].min()) if chosen.height else None},
+                      "duplicate_captions_before_top_k": int(
+                          synthvlm_selection["duplicate_of"].is_not_null().sum()),
+                      "weighted_score_threshold": float(chosen["weighted_score"].min())
+                      if chosen.height else None,
+                      "selected_means": {c: round(float(chosen[c].mean()), 4)
+                                         if chosen.height else None
+                                         for c in ("clip_cosine_clipped", "ssim",
+                                                   "weighted_score")}},
         "models": {"diffusion": sorted(set(synthvlm_selection["model_id"])),
                    "diffusion_pretrained": bool(synthvlm_selection["pretrained"].all()),
                    "clip": sorted(set(synthvlm_selection["clip_model_id"])),
@@ -605,7 +674,8 @@ def synthvlm_dataset(context: dg.AssetExecutionContext, config: ExportConfig,
     # manifest.json is written last, and files of an earlier export go only after it
     write_bytes(out_fs, join(out_root, "manifest.json"), json.dumps(manifest, indent=1).encode())
     remove_orphans(io_manager, root, [*checksums, "manifest.json"])
-    index = chosen.select(pl.col("image_id").alias("id"), "caption", "shard", "score").with_columns(
+    index = chosen.select(pl.col("image_id").alias("id"), "caption", "shard", "weighted_score",
+                          "clip_cosine_clipped", "clipscore_x2_5", "ssim").with_columns(
         pl.Series("image", [r["image"] for r in records], dtype=pl.String),
         pl.Series("prompt", [r["conversations"][0]["value"].removeprefix("<image>\n")
                              for r in records], dtype=pl.String),

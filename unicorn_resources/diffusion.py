@@ -48,6 +48,12 @@ class DiffusionResource(dg.ConfigurableResource, ABC):
     def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         """One RGB image per prompt, in order; the same (prompt, seed) gives the same image."""
 
+    def prompt_token_counts(self, prompts: Sequence[str]) -> dict[str, tuple[list[int], int]]:
+        """Per text encoder, (tokens per prompt as its tokenizer makes them before any cut, start
+        and end tokens included; the encoder's maximum length): a prompt with more tokens is
+        truncated. Empty when the backend cannot tell."""
+        return {}
+
 
 class SdxlResource(DiffusionResource):
     """SDXL base (+ refiner) from the Hugging Face hub or local folders, loaded once per run.
@@ -157,6 +163,18 @@ class SdxlResource(DiffusionResource):
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
             self.refiner_model_id, text_encoder_2=base.text_encoder_2, vae=base.vae, **common)
         return base, refiner
+
+    def prompt_token_counts(self, prompts: Sequence[str]) -> dict[str, tuple[list[int], int]]:
+        """SDXL's two CLIP tokenizers (`tokenizer`: CLIP ViT-L, `tokenizer_2`: OpenCLIP bigG), each
+        read up to its model_max_length (77) by the pipeline."""
+        self._load()
+        out = {}
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(self._base, name, None)
+            if tokenizer is not None:
+                ids = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+                out[name] = ([len(i) for i in ids], int(tokenizer.model_max_length))
+        return out
 
     def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         if len(prompts) != len(seeds):

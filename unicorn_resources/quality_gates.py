@@ -30,8 +30,9 @@ class QualityGates(dg.ConfigurableResource):
     # share of captions longer than the tokens the text encoder reads (their ends are cut); the
     # caption_embeddings check truncated_share is not blocking (ours)
     max_truncated_share: float = Field(0.05, ge=0, le=1)
-    # SynthVLM: median CLIPScore floor of the rendered images (0 for untrained encoders; README)
-    synthvlm_min_median_clipscore: float = Field(0.0, ge=0, le=100)
+    # SynthVLM: floor of the rendered images' median clipped cosine max(cos, 0), the paper's CLIP
+    # scale in [0, 1] (CLIPScore / 2.5; 0 for untrained encoders; README for real models)
+    synthvlm_min_median_clip_cosine_clipped: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _words_in_order(self) -> QualityGates:

@@ -122,11 +122,20 @@ def test_selection_keeps_the_configured_share(branch):
     captions = selection.filter("best_of_n").height
     assert selection.group_by("caption_id").agg(pl.col("best_of_n").sum())["best_of_n"].to_list() \
         == [1] * captions
-    assert selection["selected"].sum() == math.ceil(0.5 * captions)
+    distinct = selection.filter("best_of_n")["caption"].n_unique()
+    assert selection["selected"].sum() == math.ceil(0.5 * distinct)
     assert set(selection["shard"]) == set(SHARDS)
+    chosen = selection.filter("selected")
+    # ranked on the paper's scale: max(cos, 0) + 0.5 * SSIM; CLIPScore (x2.5) reported beside it
+    assert chosen["weighted_score"].to_list() == pytest.approx(
+        (chosen["clip_cosine_clipped"] + 0.5 * chosen["ssim"]).to_list())
+    assert chosen["clipscore_x2_5"].to_list() == pytest.approx(
+        (2.5 * chosen["clip_cosine_clipped"]).to_list())
     meta = branch["corpus"].asset_materializations_for_node("synthvlm_selection")[0].metadata
-    assert meta["score_threshold"].value == selection.filter("selected")["score"].min()
-    assert meta["clipscore_histogram"].value.startswith("![CLIPScore](data:image/png;base64,")
+    assert meta["weighted_score_threshold"].value == chosen["weighted_score"].min()
+    assert meta["score_formula"].value == "weighted_score = clip_cosine_clipped + lambda * ssim"
+    assert meta["clip_cosine_clipped_histogram"].value.startswith(
+        "![max(CLIP cosine, 0)](data:image/png;base64,")
     assert Path(meta["ssim_histogram_file"].value).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in meta["examples"].value
 
@@ -187,6 +196,76 @@ def test_a_caption_selected_twice_is_exported_once(branch):
         original.write_parquet(path)
         dg.materialize(ASSETS + synthvlm_assets, selection=[dg.AssetKey("synthvlm_dataset")],
                        resources=branch["defs"].resources, instance=branch["instance"])
+
+
+def test_top_k_exports_k_distinct_captions_when_the_best_two_read_the_same(branch):
+    """The two best captions (of different shards) made to read the same: the selection drops the
+    duplicate before taking the top 3, so the export holds 3 pairs of 3 captions (dropping it
+    after would leave 2)."""
+    data: Path = branch["data"]
+    ranked = pl.read_parquet(data / "synthvlm_selection.parquet").filter(
+        pl.col("rank").is_not_null()).sort("rank")
+    best, second = ranked.head(2).iter_rows(named=True)
+    path = data / "synthetic_images" / f"{second['shard']}.parquet"
+    original = pl.read_parquet(path)
+    select = [dg.AssetKey("synthvlm_selection"), dg.AssetKey("synthvlm_dataset")]
+    try:
+        original.with_columns(pl.when(pl.col("caption_id") == second["caption_id"])
+                              .then(pl.lit(best["caption"])).otherwise("caption")
+                              .alias("caption")).write_parquet(path)
+        result = dg.materialize(
+            ASSETS + synthvlm_assets, selection=select, resources=branch["defs"].resources,
+            instance=branch["instance"], raise_on_error=False,
+            run_config={"ops": {"synthvlm_selection": {"config": {"top_k": 3}}}})
+        assert result.success and _failed_checks(result) == []
+        selection = pl.read_parquet(data / "synthvlm_selection.parquet")
+        twin = selection.filter(pl.col("image_id") == second["image_id"]).row(0, named=True)
+        assert (twin["reason"], twin["duplicate_of"]) == ("duplicate_caption", best["image_id"])
+        root = data / "exports" / "synthvlm"
+        records = json.loads((root / "pretrain.json").read_text())
+        manifest = json.loads((root / "manifest.json").read_text())
+        captions = [r["conversations"][1]["value"] for r in records]
+        assert len(records) == 3 == len(set(captions))
+        assert manifest["counts"]["duplicates_dropped"] == 0
+        assert manifest["selection"]["duplicate_captions_before_top_k"] == 1
+        assert manifest["selection"]["target_k"] == 3
+    finally:
+        original.write_parquet(path)
+        assert dg.materialize(ASSETS + synthvlm_assets, selection=select,
+                              resources=branch["defs"].resources,
+                              instance=branch["instance"]).success
+
+
+def test_metadata_records_how_many_captions_each_text_encoder_cuts(branch):
+    """SDXL's two tokenizers and CLIP's, on the captions each of them reads, in the metadata of
+    the shard's synthetic_images and image_scores materialisations."""
+    from unicorn_assets.logic.synthvlm import clipscore_texts
+
+    data: Path = branch["data"]
+    resources = branch["defs"].resources
+    for key in SHARDS:
+        candidates = pl.read_parquet(data / "synthvlm_candidates" / f"{key}.parquet")
+        captions = candidates["caption"].to_list()
+        run = branch["shard_runs"][key]
+        rendered = {k: v.value for k, v in run.asset_materializations_for_node(
+            "synthetic_images")[0].metadata.items()}
+        sdxl = resources["diffusion"].prompt_token_counts(captions)
+        assert set(rendered["sdxl_prompt_truncation"]) == {"tokenizer", "tokenizer_2"}
+        for name, (counts, limit) in sdxl.items():
+            recorded = rendered["sdxl_prompt_truncation"][name]
+            assert recorded["texts"] == len(captions) and recorded["max_tokens"] == limit == 77
+            assert recorded["truncated"] == sum(c > 77 for c in counts)
+            assert recorded["tokens"]["max"] == max(counts)
+        scored = {k: v.value for k, v in run.asset_materializations_for_node(
+            "image_scores")[0].metadata.items()}
+        counts = resources["clip"].count_tokens(clipscore_texts(captions))
+        limit = resources["clip"].max_text_tokens
+        recorded = scored["clip_text_truncation"]["clip"]
+        assert recorded["truncated"] == sum(c > limit for c in counts)
+        assert recorded["truncated_share"] == round(recorded["truncated"] / len(captions), 4)
+        assert scored["clip_text_truncated_share"] == recorded["truncated_share"]
+    # FakeLLM's captions run past the tiny SDXL's 77 characters, not all past CLIP's 77 BPE tokens
+    assert rendered["sdxl_prompt_truncated_share"] > scored["clip_text_truncated_share"]
 
 
 def test_rerendering_is_deterministic_and_removes_orphans(branch):

@@ -146,8 +146,9 @@ def selection_of(io: ParquetIOManager, n: int, size: int) -> pl.DataFrame:
                      "image_index": 0, "uri": uri, "format": "png",
                      "sha256": hashlib.sha256(data).hexdigest(), "model_id": "noise",
                      "pretrained": False, "clip_model_id": "noise", "clip_pretrained": False,
-                     "clip_cosine": 0.3, "clipscore": 0.75, "ssim": 0.9, "score": 1.2,
-                     "best_of_n": True, "selected": True, "reason": None, "rank": i,
+                     "clip_cosine": 0.3, "clip_cosine_clipped": 0.3, "clipscore_x2_5": 0.75,
+                     "ssim": 0.9, "weighted_score": 0.75, "best_of_n": True, "selected": True,
+                     "reason": None, "duplicate_of": None, "rank": i,
                      "score_lambda": 0.5, "target_fraction": 1.0, "target_k": None})
     return pl.DataFrame(rows, schema=logic.SELECTION_SCHEMA)
 

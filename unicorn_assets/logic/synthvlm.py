@@ -1,5 +1,14 @@
-"""SynthVLM branch: which captions to render, per-image seeds, CLIPScore, best-of-N and top-fraction
-selection, and the LLaVA export records. Plain functions over Polars frames."""
+"""SynthVLM branch: which captions to render, per-image seeds, CLIP scores, best-of-N and top-fraction
+selection, and the LLaVA export records. Plain functions over Polars frames.
+
+Every score column is named by its scale:
+- `clip_cosine`: the raw image-text cosine, in [-1, 1];
+- `clip_cosine_clipped`: max(cosine, 0), in [0, 1]. The SynthVLM paper's "CLIP" score (0.36 for
+  SynthVLM-100K), and what the public SynthVLM code stores (its CLIPScore divided by 2.5);
+- `clipscore_x2_5`: CLIPScore as Hessel et al. (2021) define it, 2.5 * max(cosine, 0), in [0, 2.5];
+  reported only;
+- `weighted_score`: clip_cosine_clipped + lambda * ssim, the paper's ranking score (0.79 = 0.36 +
+  0.5 * 0.86 for SynthVLM-100K)."""
 
 from __future__ import annotations
 
@@ -53,9 +62,9 @@ SCORE_SCHEMA = pl.Schema({
     "caption_id": pl.String,
     "shard": pl.String,
     "image_index": pl.Int32,
-    "clip_cosine": pl.Float64,
-    "clipscore": pl.Float64,
-    "clip_weight": pl.Float64,
+    "clip_cosine": pl.Float64,  # [-1, 1]
+    "clip_cosine_clipped": pl.Float64,  # max(cos, 0), [0, 1]: the paper's CLIP score
+    "clipscore_x2_5": pl.Float64,  # 2.5 * max(cos, 0), [0, 2.5]: Hessel et al.'s CLIPScore
     "ssim": pl.Float64,
     "ssim_size": pl.Int32,
     "clip_model_id": pl.String,
@@ -76,13 +85,18 @@ SELECTION_SCHEMA = pl.Schema({
     "clip_model_id": pl.String,
     "clip_pretrained": pl.Boolean,
     "clip_cosine": pl.Float64,
-    "clipscore": pl.Float64,
+    "clip_cosine_clipped": pl.Float64,
+    "clipscore_x2_5": pl.Float64,
     "ssim": pl.Float64,
-    "score": pl.Float64,
+    "weighted_score": pl.Float64,  # clip_cosine_clipped + score_lambda * ssim
     "best_of_n": pl.Boolean,
     "selected": pl.Boolean,
-    "reason": pl.String,  # null when selected, else not_best_of_n / below_threshold
-    "rank": pl.Int64,  # rank of a caption's best image among all best images (0 = top)
+    # null when selected, else not_best_of_n / duplicate_caption / below_threshold
+    "reason": pl.String,
+    # the best image of the same caption text that stays, for a duplicate_caption; else null
+    "duplicate_of": pl.String,
+    # rank of a caption's best image among the best images of distinct captions (0 = top)
+    "rank": pl.Int64,
     "score_lambda": pl.Float64,
     "target_fraction": pl.Float64,  # the configured rule: a fraction ...
     "target_k": pl.Int64,  # ... or a count (the other is null)
@@ -243,39 +257,68 @@ def clipscore_texts(captions: Sequence[str], prefix: str = CLIPSCORE_PREFIX) -> 
     return [f"{prefix} {caption}" if prefix else caption for caption in captions]
 
 
-def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
-                weight: float = 2.5) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine, CLIPScore = weight * max(cosine, 0)) per row, from L2-normalised embeddings
-    (Hessel et al. 2021)."""
+# Hessel et al.'s w: CLIPScore = 2.5 * max(cos, 0). Reported only; the ranking uses max(cos, 0).
+CLIPSCORE_WEIGHT = 2.5
+SCORE_COLUMNS = ("clip_cosine", "clip_cosine_clipped", "clipscore_x2_5", "ssim")
+
+
+def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cosine, max(cosine, 0), CLIPScore = 2.5 * max(cosine, 0)) per row, from L2-normalised
+    embeddings (Hessel et al. 2021)."""
     if image_embeddings.shape != text_embeddings.shape:
         raise ValueError(f"embedding shapes differ: {image_embeddings.shape} vs "
                          f"{text_embeddings.shape}")
     cosine = np.einsum("ij,ij->i", image_embeddings.astype(np.float64),
                        text_embeddings.astype(np.float64))
-    return cosine, weight * np.maximum(cosine, 0.0)
+    clipped = np.maximum(cosine, 0.0)
+    return cosine, clipped, CLIPSCORE_WEIGHT * clipped
+
+
+def truncation(token_counts: Sequence[int], max_tokens: int) -> dict:
+    """How many texts a text encoder of `max_tokens` positions cuts (counts include the start and
+    end tokens), their share, and the token-count distribution, for metadata."""
+    counts = pl.Series("tokens", list(token_counts), dtype=pl.Int64)
+    cut = int((counts > max_tokens).sum())
+    return {"texts": counts.len(), "max_tokens": max_tokens, "truncated": cut,
+            "truncated_share": round(cut / counts.len(), 4) if counts.len() else 0.0,
+            "tokens": distribution(counts)}
 
 
 def select_pairs(scored: pl.DataFrame, score_lambda: float = 0.5,
                  top_fraction: float | None = 0.5, top_k: int | None = None) -> pl.DataFrame:
-    """Per caption, the best image by score = clipscore + lambda * ssim (ties: lower image_index);
-    then the global top fraction (or top K) of those by score (ties: caption_id)."""
-    frame = scored.with_columns((pl.col("clipscore") + score_lambda * pl.col("ssim")).alias("score"))
-    frame = frame.sort(["caption_id", "score", "image_index"], descending=[False, True, False])
+    """Per caption, the best image by weighted_score = clip_cosine_clipped + lambda * ssim (ties:
+    lower image_index). Of best images whose captions read exactly the same (one caption text in
+    several shards), the best scoring stays (ties: shard, caption_id) and the others are
+    `duplicate_caption`. Then the global top fraction (or top K) of the distinct captions by
+    weighted_score (ties: caption_id): K pairs of K different captions."""
+    frame = scored.with_columns(
+        (pl.col("clip_cosine_clipped") + score_lambda * pl.col("ssim")).alias("weighted_score"))
+    frame = frame.sort(["caption_id", "weighted_score", "image_index"],
+                       descending=[False, True, False])
     frame = frame.with_columns((pl.int_range(pl.len()).over("caption_id") == 0).alias("best_of_n"))
-    best = frame.filter("best_of_n").sort(["score", "caption_id"], descending=[True, False])
-    best = best.with_row_index("rank").with_columns(pl.col("rank").cast(pl.Int64))
-    keep = keep_count(best.height, top_fraction, top_k)
-    frame = frame.join(best.select("image_id", "rank"), on="image_id", how="left")
+    best = frame.filter("best_of_n").sort(["weighted_score", "shard", "caption_id"],
+                                          descending=[True, False, False])
+    best = best.with_columns(pl.col("image_id").first().over("caption").alias("kept"))
+    duplicates = best.filter(pl.col("image_id") != pl.col("kept")).select(
+        "image_id", pl.col("kept").alias("duplicate_of"))
+    distinct = best.filter(pl.col("image_id") == pl.col("kept")) \
+        .sort(["weighted_score", "caption_id"], descending=[True, False])
+    distinct = distinct.with_row_index("rank").with_columns(pl.col("rank").cast(pl.Int64))
+    keep = keep_count(distinct.height, top_fraction, top_k)
+    frame = frame.join(distinct.select("image_id", "rank"), on="image_id", how="left") \
+        .join(duplicates, on="image_id", how="left")
     frame = frame.with_columns(
-        (pl.col("best_of_n") & (pl.col("rank") < keep)).alias("selected"),
+        (pl.col("best_of_n") & (pl.col("rank") < keep).fill_null(False)).alias("selected"),
         pl.lit(score_lambda, dtype=pl.Float64).alias("score_lambda"),
         pl.lit(None if top_k is not None else top_fraction, dtype=pl.Float64).alias("target_fraction"),
         pl.lit(top_k, dtype=pl.Int64).alias("target_k"),
     ).with_columns(
         pl.when(pl.col("selected")).then(pl.lit(None, dtype=pl.String))
+        .when(pl.col("duplicate_of").is_not_null()).then(pl.lit("duplicate_caption"))
         .when(pl.col("best_of_n")).then(pl.lit("below_threshold"))
         .otherwise(pl.lit("not_best_of_n")).alias("reason"))
-    return frame.sort(["selected", "score", "image_id"], descending=[True, True, False]) \
+    return frame.sort(["selected", "weighted_score", "image_id"], descending=[True, True, False]) \
         .select(SELECTION_SCHEMA.names())
 
 
@@ -291,68 +334,92 @@ def distribution(values: pl.Series) -> dict[str, float | int]:
 
 
 def selection_summary(selection: pl.DataFrame) -> dict:
-    """Counts, the score threshold that resulted, and distributions before/after selection."""
+    """Counts, the thresholds that resulted, and distributions before/after selection. The mean
+    clip_cosine_clipped, ssim and weighted_score of the selected pairs compare with the paper's
+    0.36, 0.86 and 0.79 for SynthVLM-100K."""
     best = selection.filter("best_of_n")
+    distinct = best.filter(pl.col("duplicate_of").is_null())
     chosen = selection.filter("selected")
     stages = {"all_images": selection, "best_of_n": best, "selected": chosen}
+
+    def lowest(column: str) -> float | None:
+        return float(chosen[column].min()) if chosen.height else None
+
     return {
-        "images": selection.height, "captions": best.height, "selected": chosen.height,
-        "selected_share_of_captions": round(chosen.height / best.height, 4) if best.height else 0.0,
-        "score_threshold": float(chosen["score"].min()) if chosen.height else None,
-        "clipscore_threshold": float(chosen["clipscore"].min()) if chosen.height else None,
-        "ssim_threshold": float(chosen["ssim"].min()) if chosen.height else None,
+        "images": selection.height, "captions": best.height,
+        "distinct_captions": distinct.height,
+        "duplicate_captions": best.height - distinct.height, "selected": chosen.height,
+        "selected_share_of_captions": round(chosen.height / distinct.height, 4)
+        if distinct.height else 0.0,
+        "weighted_score_threshold": lowest("weighted_score"),
+        "clip_cosine_clipped_threshold": lowest("clip_cosine_clipped"),
+        "clipscore_x2_5_threshold": lowest("clipscore_x2_5"),
+        "ssim_threshold": lowest("ssim"),
         "distributions": {column: {stage: distribution(frame[column]) for stage, frame in
                                    stages.items()}
-                          for column in ("clipscore", "ssim", "score")},
+                          for column in ("clip_cosine_clipped", "clipscore_x2_5", "ssim",
+                                         "weighted_score")},
     }
 
 
 def selection_ratio(selection: pl.DataFrame) -> Outcome:
-    """The selected count is exactly what the recorded rule (fraction or K of the captions)
-    gives, every caption has one best image, and only best images are selected."""
+    """The selected count is exactly what the recorded rule (fraction or K of the distinct
+    captions) gives, every caption has one best image, only best images are selected, and no two
+    selected pairs share a caption text."""
     if selection.height == 0:
         return Outcome(False, "no scored images to select from")
-    best = selection.filter("best_of_n")
+    distinct = selection.filter(pl.col("best_of_n") & pl.col("duplicate_of").is_null())
     per_caption = selection.group_by("caption_id").agg(pl.col("best_of_n").sum())
     bad_best = per_caption.filter(pl.col("best_of_n") != 1).height
-    stray = selection.filter(pl.col("selected") & ~pl.col("best_of_n")).height
+    chosen_rows = selection.filter("selected")
+    stray = chosen_rows.filter(~pl.col("best_of_n")).height
+    repeated = chosen_rows.height - chosen_rows["caption"].n_unique()
     fraction, top_k = selection["target_fraction"][0], selection["target_k"][0]
-    expected = keep_count(best.height, fraction, top_k)
-    chosen = int(selection["selected"].sum())
+    expected = keep_count(distinct.height, fraction, top_k)
+    chosen = chosen_rows.height
     rule = f"top {top_k}" if top_k is not None else f"top {fraction:.0%}"
-    ok = chosen == expected and bad_best == 0 and stray == 0
-    return Outcome(ok, f"{chosen} of {best.height} captions selected, {rule} gives {expected}; "
-                   f"{bad_best} caption(s) without exactly one best image, {stray} non-best "
-                   "image(s) selected",
-                   {"selected": chosen, "expected": expected, "captions": best.height,
-                    "captions_without_one_best": bad_best, "non_best_selected": stray})
+    ok = chosen == expected and bad_best == 0 and stray == 0 and repeated == 0
+    return Outcome(ok, f"{chosen} of {distinct.height} distinct captions selected, {rule} gives "
+                   f"{expected}; {bad_best} caption(s) without exactly one best image, {stray} "
+                   f"non-best image(s) selected, {repeated} selected caption text(s) repeated",
+                   {"selected": chosen, "expected": expected, "captions": distinct.height,
+                    "captions_without_one_best": bad_best, "non_best_selected": stray,
+                    "repeated_captions_selected": repeated})
 
 
-def no_nan_scores(scores: pl.DataFrame, columns: Sequence[str] = ("clip_cosine", "clipscore",
-                                                                   "ssim")) -> Outcome:
+def no_nan_scores(scores: pl.DataFrame, columns: Sequence[str] = SCORE_COLUMNS) -> Outcome:
     bad = {c: int(scores[c].is_nan().sum() + scores[c].null_count()) for c in columns}
     ok = not any(bad.values())
     return Outcome(ok, "no NaN or missing scores" if ok else f"NaN or missing scores: {bad}",
                    {"nan_or_null": bad})
 
 
-def score_ranges(scores: pl.DataFrame, min_median_clipscore: float, tolerance: float = 1e-6
-                 ) -> Outcome:
-    """cosine in [-1, 1], CLIPScore in [0, w], SSIM in [-1, 1], and the median CLIPScore at least
-    the configured floor (0 for untrained encoders)."""
+def score_ranges(scores: pl.DataFrame, min_median_clip_cosine_clipped: float,
+                 tolerance: float = 1e-6) -> Outcome:
+    """clip_cosine in [-1, 1], clip_cosine_clipped in [0, 1] and equal to max(clip_cosine, 0),
+    clipscore_x2_5 equal to 2.5 * clip_cosine_clipped, SSIM in [-1, 1], and the median
+    clip_cosine_clipped at least the configured floor (0 for untrained encoders)."""
     if scores.height == 0:
         return Outcome(False, "no scores")
+    clipped = pl.col("clip_cosine_clipped")
     out_of_range = {
         "clip_cosine": scores.filter(pl.col("clip_cosine").abs() > 1 + tolerance).height,
-        "clipscore": scores.filter((pl.col("clipscore") < -tolerance)
-                                   | (pl.col("clipscore") > pl.col("clip_weight") + tolerance)).height,
+        "clip_cosine_clipped": scores.filter(
+            (clipped < -tolerance) | (clipped > 1 + tolerance)
+            | ((clipped - pl.col("clip_cosine").clip(lower_bound=0)).abs() > tolerance)).height,
+        "clipscore_x2_5": scores.filter(
+            (pl.col("clipscore_x2_5") - CLIPSCORE_WEIGHT * clipped).abs() > tolerance).height,
         "ssim": scores.filter(pl.col("ssim").abs() > 1 + tolerance).height,
     }
-    median = float(scores["clipscore"].median())
-    ok = not any(out_of_range.values()) and median >= min_median_clipscore
-    return Outcome(ok, f"out of range: {out_of_range}; median CLIPScore {median:.3f} "
-                   f"(floor {min_median_clipscore})",
-                   {"out_of_range": out_of_range, "median_clipscore": median})
+    median = float(scores["clip_cosine_clipped"].median())
+    ok = not any(out_of_range.values()) and median >= min_median_clip_cosine_clipped
+    return Outcome(ok, f"out of range: {out_of_range}; median clip_cosine_clipped {median:.3f} "
+                   f"(floor {min_median_clip_cosine_clipped}"
+                   + ("" if median >= min_median_clip_cosine_clipped else
+                      ": the images do not match their captions; check the renderer and CLIP "
+                      "models, or lower quality_gates.synthvlm_min_median_clip_cosine_clipped")
+                   + ")",
+                   {"out_of_range": out_of_range, "median_clip_cosine_clipped": median})
 
 
 def llava_records(selected: pl.DataFrame, prompts: Sequence[str],

@@ -65,6 +65,23 @@ def test_gpu_profiles_name_the_real_clip_and_sdxl(name, offline):
     assert not diffusion.tiny_random
 
 
+def test_gpu_profile_renders_and_selects_as_synthvlm(offline):
+    """The public SynthVLM code's renders (60 steps, guidance 20, best of 5) and the paper's
+    selection (top 100K by max(cos, 0) + 0.5 * SSIM) are the gpu profile's job defaults."""
+    defs = build_definitions("gpu")
+    diffusion = defs.resources["diffusion"]
+    assert (diffusion.steps, diffusion.guidance_scale, diffusion.high_noise_frac) == (60, 20.0, 0.8)
+
+    shard_job = defs.resolve_job_def("synthvlm_job")  # per shard: the config of any partition
+    render = dg.validate_run_config(
+        shard_job, shard_job.partitioned_config.get_run_config_for_partition_key("any"))
+    assert render["ops"]["synthetic_images"]["config"]["images_per_caption"] == 5
+    corpus = dg.validate_run_config(defs.resolve_job_def("synthvlm_corpus_job"))
+    selection = corpus["ops"]["synthvlm_selection"]["config"]
+    assert (selection["score_lambda"], selection["top_k"]) == (0.5, 100000)
+    assert defs.resources["quality_gates"].synthvlm_min_median_clip_cosine_clipped == 0.0
+
+
 def test_gpu_profile_runs_the_vllm_engine(offline):
     llm = build_definitions("gpu").resources["llm"]
     assert isinstance(llm, VllmLLM)

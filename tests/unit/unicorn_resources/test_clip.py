@@ -174,3 +174,20 @@ def test_chunk_overlap_must_leave_a_stride(tmp_path):
                              long_text="chunk_mean", chunk_overlap=38)
     with pytest.raises(ValueError, match=r"clip.chunk_overlap \(38\) must be below the 38"):
         short.encode_text([_long_caption()])
+
+
+def test_token_counts_say_which_texts_the_encoder_cuts(clip):
+    """A text counted over the context length loses its tail: changing words past the 77th token
+    leaves its embedding as it was; a text within it reads whole."""
+    long = "A photo depicts " + " ".join(["a red brick house with white window frames"] * 12)
+    short = TEXTS[0]
+    long_count, short_count = clip.count_tokens([long, short])
+    context = clip.max_text_tokens
+    assert context == 77
+    assert long_count > context >= short_count
+    # the count is the tokenizer's: start + words + end, as open_clip pads it into 77 positions
+    assert short_count == int((clip._tokenizer([short]) != 0).sum())
+    same, changed_tail = clip.encode_text([long, long + " and a blue door"])
+    np.testing.assert_allclose(same, changed_tail, atol=1e-6)
+    whole, changed = clip.encode_text([short, short + " and a blue door"])
+    assert not np.allclose(whole, changed, atol=1e-4)

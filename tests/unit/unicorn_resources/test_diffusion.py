@@ -168,3 +168,19 @@ def test_profiles_build_the_renderer_and_switch_the_branch(tmp_path, monkeypatch
     assert {"synthvlm_job", "synthvlm_corpus_job"} <= {j.name for j in defs.resolve_all_job_defs()}
     assert defs.resolve_assets_def("synthetic_images").group_names_by_key[
         dg.AssetKey("synthetic_images")] == "synthvlm"
+
+
+def test_prompt_token_counts_say_which_prompts_sdxl_cuts(sdxl):
+    """SDXL's two tokenizers read 77 tokens: a prompt counted over that renders the same image
+    whatever follows its 77th token; within it, every word changes the picture."""
+    long = "A red brick house behind a wooden fence, " * 3  # the tiny tokenizer: a token per char
+    short = PROMPTS[1]
+    counts = sdxl.prompt_token_counts([long, short])
+    assert set(counts) == {"tokenizer", "tokenizer_2"}
+    for (long_count, short_count), limit in counts.values():
+        assert limit == 77 and long_count > limit >= short_count
+        assert short_count == len(tiny_clip_tokenizer()(short)["input_ids"])
+    cut, cut_tail = sdxl.render([long, long + "and a blue door."], [5, 5])
+    assert np.array_equal(pixels(cut), pixels(cut_tail))
+    whole, changed = sdxl.render([short, short + " A blue door."], [5, 5])
+    assert not np.array_equal(pixels(whole), pixels(changed))

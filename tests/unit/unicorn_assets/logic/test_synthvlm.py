@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 from tests.support import SHARED_DATA
 from unicorn_assets.logic import images as img
 from unicorn_assets.logic import synthvlm as sv
+from unicorn_assets.logic.exports import drop_duplicate_captions
 from unicorn_assets.logic.prompts import load_lines
 
 COCO_IMAGES = SHARED_DATA / "coco_mini_val2017" / "images"
@@ -83,12 +84,13 @@ def test_thumbnails_and_histograms_are_pngs():
 
 # --- CLIPScore -----------------------------------------------------------------------------------
 
-def test_clipscore_is_w_times_positive_cosine():
+def test_clip_scores_on_each_scale():
     images = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
     texts = np.array([[0.6, 0.8], [0.0, -1.0], [0.6, 0.8]], dtype=np.float32)
-    cosine, score = sv.clip_scores(images, texts, weight=2.5)
+    cosine, clipped, clipscore = sv.clip_scores(images, texts)
     assert cosine == pytest.approx([0.6, -1.0, 1.0], abs=1e-6)
-    assert score == pytest.approx([1.5, 0.0, 2.5], abs=1e-6)
+    assert clipped == pytest.approx([0.6, 0.0, 1.0], abs=1e-6)  # the paper's scale, [0, 1]
+    assert clipscore == pytest.approx([1.5, 0.0, 2.5], abs=1e-6)  # Hessel et al.'s, [0, 2.5]
     with pytest.raises(ValueError, match="shapes differ"):
         sv.clip_scores(images, texts[:2])
 
@@ -177,20 +179,25 @@ def test_seeds_depend_on_caption_and_index_only():
 
 # --- selection -----------------------------------------------------------------------------------
 
-def _scores() -> pl.DataFrame:
-    """Four captions, two images each. score = clipscore + 0.5 * ssim:
-    A: a0 1.0 + 0.4 = 1.4, a1 1.2 + 0.1 = 1.3         -> best a0 (1.4)
-    B: b0 0.5 + 0.25 = 0.75, b1 0.625 + 0.25 = 0.875  -> best b1 (0.875)
-    C: c0 0.75 + 0.25 = 1.0, c1 0.5 + 0.5 = 1.0       -> tie, lower index: c0 (1.0)
-    D: d0 2.0 + 0.0 = 2.0, d1 0.1 + 0.25 = 0.35       -> best d0 (2.0)
-    Best, ranked: D 2.0, A 1.4, C 1.0, B 0.875."""
-    rows = [("A", 0, 1.0, 0.8), ("A", 1, 1.2, 0.2), ("B", 0, 0.5, 0.5), ("B", 1, 0.625, 0.5),
-            ("C", 0, 0.75, 0.5), ("C", 1, 0.5, 1.0), ("D", 0, 2.0, 0.0), ("D", 1, 0.1, 0.5)]
+def _scores(rows=None, captions: dict[str, str] | None = None) -> pl.DataFrame:
+    """Four captions, two images each, as (caption, index, max(cos, 0), ssim).
+    weighted_score = clip_cosine_clipped + 0.5 * ssim:
+    A: a0 0.4 + 0.4 = 0.8, a1 0.48 + 0.1 = 0.58       -> best a0 (0.8)
+    B: b0 0.2 + 0.25 = 0.45, b1 0.25 + 0.25 = 0.5     -> best b1 (0.5)
+    C: c0 0.375 + 0.25 = 0.625, c1 0.125 + 0.5 = 0.625 -> tie, lower index: c0 (0.625)
+    D: d0 0.9 + 0.0 = 0.9, d1 0.04 + 0.25 = 0.29      -> best d0 (0.9)
+    Best, ranked: D 0.9, A 0.8, C 0.625, B 0.5."""
+    rows = rows or [("A", 0, 0.4, 0.8), ("A", 1, 0.48, 0.2), ("B", 0, 0.2, 0.5),
+                    ("B", 1, 0.25, 0.5), ("C", 0, 0.375, 0.5), ("C", 1, 0.125, 1.0),
+                    ("D", 0, 0.9, 0.0), ("D", 1, 0.04, 0.5)]
+    captions = captions or {}
     return pl.DataFrame(
         [{"image_id": f"{c.lower()}{i}", "caption_id": c, "seed_id": "s", "shard": "x",
-          "caption": c, "image_index": i, "uri": f"/x/{c}{i}.png", "format": "png", "sha256": "h",
-          "model_id": "m", "pretrained": False, "clip_model_id": "clip", "clip_pretrained": False,
-          "clip_cosine": cs / 2.5, "clipscore": cs, "ssim": ss} for c, i, cs, ss in rows],
+          "caption": captions.get(c, c), "image_index": i, "uri": f"/x/{c}{i}.png",
+          "format": "png", "sha256": "h", "model_id": "m", "pretrained": False,
+          "clip_model_id": "clip", "clip_pretrained": False, "clip_cosine": cos,
+          "clip_cosine_clipped": cos, "clipscore_x2_5": 2.5 * cos, "ssim": ss}
+         for c, i, cos, ss in rows],
         schema_overrides={"image_index": pl.Int32})
 
 
@@ -219,20 +226,66 @@ def test_top_k_and_rounding_up():
 
 
 def test_lambda_changes_the_best_image():
-    # lambda 0: CLIPScore alone; A's best becomes a1 (1.2 > 1.0), C's c0 (0.75 > 0.5)
+    # lambda 0: the clipped cosine alone; A's best becomes a1 (0.48 > 0.4), C's c0 (0.375 > 0.125)
     selection = sv.select_pairs(_scores(), score_lambda=0.0, top_k=2)
     assert sorted(selection.filter("best_of_n")["image_id"]) == ["a1", "b1", "c0", "d0"]
     assert _selected(selection) == ["a1", "d0"]
 
 
+def test_the_ranking_is_on_the_papers_scale():
+    """The paper's SynthVLM-100K figures add up only on the clipped-cosine scale:
+    0.36 + 0.5 * 0.86 = 0.79. On that scale x (0.30 + 0.5 * 0.50 = 0.55) loses to y (0.26 + 0.5 *
+    0.62 = 0.57); 2.5 * cos + 0.5 * ssim (an effective lambda of 0.2) would pick x (1.0 > 0.96)."""
+    paper = sv.select_pairs(_scores([("P", 0, 0.36, 0.86)]), score_lambda=0.5, top_k=1)
+    assert paper["weighted_score"][0] == pytest.approx(0.79)
+    assert paper["clipscore_x2_5"][0] == pytest.approx(0.9)  # reported, not ranked on
+    selection = sv.select_pairs(_scores([("X", 0, 0.30, 0.50), ("X", 1, 0.26, 0.62)]), top_k=1)
+    assert sorted(selection.filter("best_of_n")["image_id"]) == ["x1"]
+    assert selection.filter("best_of_n")["weighted_score"][0] == pytest.approx(0.57)
+
+
+def test_duplicate_captions_are_dropped_before_top_k():
+    """A and D read the same and rank first and second: dropping duplicates after top-2 would
+    export one pair. Now D (0.9) keeps the text, A is a duplicate of it, and the top 2 are D and
+    C: two pairs of two different captions."""
+    scores = _scores(captions={"A": "the same text", "D": "the same text"})
+    selection = sv.select_pairs(scores, top_k=2)
+    assert _selected(selection) == ["c0", "d0"]
+    a0 = selection.filter(pl.col("image_id") == "a0").row(0, named=True)
+    assert (a0["reason"], a0["duplicate_of"], a0["rank"]) == ("duplicate_caption", "d0", None)
+    ranks = dict(selection.filter(pl.col("rank").is_not_null()).select("image_id", "rank").rows())
+    assert ranks == {"d0": 0, "c0": 1, "b1": 2}
+    chosen = selection.filter("selected")
+    kept, dropped = drop_duplicate_captions(chosen.lazy(), chosen.lazy())
+    assert dropped == 0 and kept.collect().height == 2 == chosen["caption"].n_unique()
+    assert sv.selection_ratio(selection).passed
+    # a fraction counts the distinct captions: 3 of them, ceil(0.5 * 3) = 2
+    assert sv.selection_ratio(sv.select_pairs(scores, top_fraction=0.5)).metadata["expected"] == 2
+    summary = sv.selection_summary(selection)
+    assert (summary["captions"], summary["distinct_captions"], summary["duplicate_captions"]) \
+        == (4, 3, 1)
+
+
+def test_of_duplicate_captions_with_equal_scores_the_first_shard_stays():
+    scores = _scores([("A", 0, 0.5, 0.5), ("B", 0, 0.5, 0.5)], captions={"A": "t", "B": "t"})
+    scores = scores.with_columns(pl.when(pl.col("caption_id") == "A").then(pl.lit("z"))
+                                 .otherwise(pl.lit("y")).alias("shard"))
+    selection = sv.select_pairs(scores, top_k=5)
+    assert _selected(selection) == ["b0"]  # shard y before z
+    assert selection.filter(pl.col("image_id") == "a0")["duplicate_of"].to_list() == ["b0"]
+
+
 def test_summary_records_threshold_and_distributions():
     summary = sv.selection_summary(sv.select_pairs(_scores(), top_fraction=0.5))
     assert summary["images"] == 8 and summary["captions"] == 4 and summary["selected"] == 2
-    assert summary["score_threshold"] == pytest.approx(1.4)
-    assert summary["clipscore_threshold"] == pytest.approx(1.0)
-    score = summary["distributions"]["score"]
-    assert score["best_of_n"]["count"] == 4 and score["selected"]["min"] == pytest.approx(1.4)
-    assert score["all_images"]["max"] == pytest.approx(2.0)
+    assert summary["weighted_score_threshold"] == pytest.approx(0.8)
+    assert summary["clip_cosine_clipped_threshold"] == pytest.approx(0.4)
+    assert summary["clipscore_x2_5_threshold"] == pytest.approx(1.0)
+    score = summary["distributions"]["weighted_score"]
+    assert score["best_of_n"]["count"] == 4 and score["selected"]["min"] == pytest.approx(0.8)
+    assert score["all_images"]["max"] == pytest.approx(0.9)
+    assert summary["distributions"]["clip_cosine_clipped"]["selected"]["mean"] \
+        == pytest.approx(0.65)
     json.dumps(summary)  # goes into metadata as JSON
 
 
@@ -255,6 +308,10 @@ def test_selection_ratio_check():
         pl.when(pl.col("image_id") == "c0").then(True).otherwise(pl.col("selected")).alias("selected"))
     outcome = sv.selection_ratio(extra)
     assert not outcome.passed and outcome.metadata["selected"] == 3
+    twice = selection.with_columns(pl.when(pl.col("image_id") == "d0").then(pl.lit("A"))
+                                   .otherwise(pl.col("caption")).alias("caption"))
+    assert sv.selection_ratio(twice).metadata["repeated_captions_selected"] == 1
+    assert not sv.selection_ratio(twice).passed
     two_best = selection.with_columns(
         pl.when(pl.col("image_id") == "a1").then(True).otherwise(pl.col("best_of_n")).alias("best_of_n"))
     assert sv.selection_ratio(two_best).metadata["captions_without_one_best"] == 1
@@ -275,13 +332,24 @@ def test_no_nan_scores_check():
 
 
 def test_score_ranges_check():
-    scores = _scores().with_columns(pl.lit(2.5).alias("clip_weight"))
-    assert sv.score_ranges(scores, 0.0).passed
-    assert not sv.score_ranges(scores, 5.0).passed  # median CLIPScore under the floor
-    too_high = scores.with_columns((pl.col("clipscore") * 2).alias("clipscore"))  # D: 4.0 > 2.5
-    assert sv.score_ranges(too_high, 0.0).metadata["out_of_range"]["clipscore"] == 1
+    scores = _scores()  # median clipped cosine: (0.25 + 0.375) / 2 = 0.3125
+    assert sv.score_ranges(scores, 0.3).passed
+    low = sv.score_ranges(scores, 0.36)  # under the floor, e.g. the paper's selected mean
+    assert not low.passed and low.metadata["median_clip_cosine_clipped"] == pytest.approx(0.3125)
+    assert "synthvlm_min_median_clip_cosine_clipped" in low.description
+    old_scale = scores.with_columns(pl.col("clipscore_x2_5").alias("clip_cosine_clipped"))
+    assert sv.score_ranges(old_scale, 0.0).metadata["out_of_range"]["clip_cosine_clipped"] == 8
+    wrong_weight = scores.with_columns((pl.col("clip_cosine_clipped") * 2).alias("clipscore_x2_5"))
+    assert sv.score_ranges(wrong_weight, 0.0).metadata["out_of_range"]["clipscore_x2_5"] == 8
     bad_cos = scores.with_columns(pl.lit(1.5).alias("clip_cosine"))
     assert sv.score_ranges(bad_cos, 0.0).metadata["out_of_range"]["clip_cosine"] == 8
+
+
+def test_truncation_counts_texts_over_the_encoder_length():
+    summary = sv.truncation([10, 77, 78, 166], 77)
+    assert summary["truncated"] == 2 and summary["truncated_share"] == 0.5
+    assert summary["tokens"]["max"] == 166 and summary["max_tokens"] == 77
+    assert sv.truncation([], 77)["truncated_share"] == 0.0
 
 
 def test_scores_cover_images_check():
