@@ -38,6 +38,7 @@ from unicorn_resources.export_reader import UnicornExport
 from unicorn_resources.llm import FakeLLM
 
 SEEDS, EXPANSIONS_PER_SEED, FAKE_TAIL_WORDS = 48, 3, 4
+STYLES = ["objects", "attributes", "spatial", "lighting", "background"]  # Stage 1 style focuses
 PREFIX_TOKENS = 4      # the reference trainer: 576 copies of the vector
 WIDTH, LAYERS, HEADS = 64, 2, 2
 STEPS, BATCH, LEARNING_RATE = 100, 32, 3e-3
@@ -87,7 +88,9 @@ def pretrain_export(tmp_path: Path, instance: dg.DagsterInstance) -> tuple[Path,
                           resources=make_resources(data, seeds, llm=llm))
     write_jsonl(seeds / "shard-a.jsonl", coco_captions(SEEDS))
     instance.add_dynamic_partitions(SEED_SHARDS, ["shard-a"])
-    stage1 = {"ops": {"expand_captions": {"config": {"expansions_per_seed": EXPANSIONS_PER_SEED}}}}
+    # explicit, so that Stage 1's defaults (issue 11.3: one expansion per seed) change nothing here
+    stage1 = {"ops": {"expand_captions": {"config": {
+        "styles": STYLES, "expansions_per_seed": EXPANSIONS_PER_SEED}}}}
     shard = defs.resolve_job_def("unicorn_shard_job").execute_in_process(
         instance=instance, partition_key="shard-a", run_config=stage1, raise_on_error=False)
     assert shard.success and not failed_checks(shard), failed_checks(shard)
