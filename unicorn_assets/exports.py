@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from unicorn_assets.checks import to_result
 from unicorn_assets.logic import exports as export
@@ -36,6 +36,21 @@ Storage = dg.ResourceParam[ParquetIOManager]
 
 class ExportConfig(dg.Config):
     rows_per_file: int = Field(100_000, description="embedding rows per safetensors file")
+    formats: list[str] = Field(
+        ["llava"], min_length=1, description="llava (always written: records.jsonl/.json, "
+        "safetensors shards); unicorn: also unicorn/ as the Unicorn reference trainer reads it "
+        "(a `caption` key, ids = caption ids, embeddings keyed by id in safetensors); "
+        "unicorn_pickle: also unicorn/embeddings.pkl, the trainer's own pickle (opt-in: pickle "
+        "runs code when loaded, so load it only from a source you trust)")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(export.FORMATS))
+        if unknown:
+            raise ValueError(f"unknown export format(s) {unknown}: use some of "
+                             f"{list(export.FORMATS)}")
+        return value
 
 
 class PretrainExportConfig(ExportConfig):
@@ -76,7 +91,7 @@ def refuse_mispaired(dataset: str, captions: pl.LazyFrame,
 def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager,
                  config: PretrainExportConfig | InstructExportConfig, records: pl.LazyFrame,
                  embeddings: pl.LazyFrame, stats_frame: pl.DataFrame, models: dict[str, list[str]],
-                 duplicates_dropped: int, **extra) -> dg.MaterializeResult:
+                 duplicates_dropped: int, captions: pl.LazyFrame, **extra) -> dg.MaterializeResult:
     """Stage, verify, then publish one export; a failure leaves the previous export untouched."""
     dataset = context.asset_key.to_user_string()
     stats = ModalityStatistics.from_frame(stats_frame)
@@ -84,7 +99,13 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
     target = export_folder(io_manager, config.export_dir)
     staging = export.staging_folder(target.fs, target.path)
     try:
-        written = export.write_export(staging, records, embeddings, stats, config.rows_per_file)
+        if "unicorn_pickle" in config.formats:
+            context.log.warning(f"{dataset}: writing {export.UNICORN_PICKLE} as asked (format "
+                                "unicorn_pickle): pickle runs code when loaded; a trainer should "
+                                f"load it only from a source it trusts, or read "
+                                f"{export.UNICORN_EMBEDDINGS} instead")
+        written = export.write_export(staging, records, embeddings, stats, config.rows_per_file,
+                                      formats=config.formats, captions=captions, dataset=dataset)
         files = export.file_table(staging, written.embedding_files)
         manifest = export.manifest(dataset, written, stats, files, duplicates_dropped, **extra)
         (staging / export.MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -108,6 +129,8 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
             "dagster/row_count": written.records, "embeddings": written.embeddings,
             "duplicates_dropped": duplicates_dropped,
             "embedding_files": len(written.embedding_files),
+            "formats": ", ".join(written.formats),
+            "inference_transform": dg.MetadataValue.json(manifest["inference_transform"]),
             "statistics_version": stats.version, "git_revision": manifest["git_revision"],
             "counts": dg.MetadataValue.json(manifest["counts"]),
             "models": dg.MetadataValue.json(manifest["models"]),
@@ -142,6 +165,7 @@ def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportCo
     return build_export(
         context, io_manager, config, records, transferred_embeddings, modality_statistics,
         models={"caption_llm": distinct(expanded_captions, "model_id")}, duplicates_dropped=dropped,
+        captions=expanded_captions,
         prompt_versions={"captions": distinct(expanded_captions, "prompt_version"),
                          "pretrain_prompts": f"{config.prompts}@{digest}"})
 
@@ -168,7 +192,7 @@ def instruct_dataset(context: dg.AssetExecutionContext, config: InstructExportCo
     return build_export(
         context, io_manager, config, export.instruct_records(kept),
         transferred_embeddings, modality_statistics, duplicates_dropped=dropped,
-        task_types=task_types,
+        captions=expanded_captions, task_types=task_types,
         models={"caption_llm": distinct(expanded_captions, "model_id"),
                 "instruction_llm": distinct(instructions, "model_id")},
         prompt_versions={"captions": distinct(expanded_captions, "prompt_version"),
