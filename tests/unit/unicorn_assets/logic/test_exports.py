@@ -413,3 +413,51 @@ def test_streamed_safetensors_and_pickle_equal_the_library_writers(tmp_path: Pat
     items = pickle.load(open(tmp_path / "e.pkl", "rb"))
     assert [i["id"] for i in items] == ids
     np.testing.assert_array_equal(np.stack([i["embed"] for i in items]), np.concatenate(chunks))
+
+
+@pytest.mark.parametrize("method", ["mean_shift", "mean_shift_to_image_mean"])
+def test_the_manifest_states_the_inference_transform_and_the_reader_applies_it(
+        tmp_path: Path, source, method):
+    frame, _, stats = source
+    rng = np.random.default_rng(7)
+    images = rng.standard_normal((9, DIM)) + 1.0
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    mu_image = images.mean(axis=0)
+    stats = ModalityStatistics("clip", False, stats.count, DIM, stats.mu_text, shards=2,
+                               image_count=9, mu_image=mu_image, image_source="imgs", method=method)
+    embedded = modality.caption_embeddings_frame(frame, np.eye(12, DIM, dtype=np.float32), "clip")
+    build(tmp_path / "out", export.pretrain_records(frame.lazy(), PROMPTS),
+          modality.transfer(embedded.lazy(), stats), stats)
+    data = UnicornExport(tmp_path / "out")
+    assert data.manifest["inference_transform"] == stats.inference_transform()
+    np.testing.assert_array_equal(data.statistics()["mu_image"], mu_image)  # shipped either way
+    e = images[0] * 3  # an image embedding before normalisation
+    got = data.transform_image_embedding(e)
+    if method == "mean_shift":  # the paper: l2norm(e - mu_image), the shipped mean by default
+        want = images[0] - mu_image
+        np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-6)
+        own = images[1:].mean(axis=0)  # or the mean over the user's own images
+        want = images[0] - own
+        np.testing.assert_allclose(data.transform_image_embedding(e, own),
+                                   want / np.linalg.norm(want), atol=1e-6)
+        batch = data.transform_image_embedding(images)  # rows at once
+        centred = images - mu_image
+        np.testing.assert_allclose(batch, centred / np.linalg.norm(centred, axis=1, keepdims=True),
+                                   atol=1e-6)
+        assert batch.dtype == np.float32
+    else:
+        np.testing.assert_allclose(got, images[0], atol=1e-6)
+
+
+def test_transform_image_embedding_without_an_image_mean_names_the_fix(tmp_path: Path, source):
+    frame, embeddings, stats = source
+    build(tmp_path / "out", export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
+    data = UnicornExport(tmp_path / "out")
+    assert "mu_image" not in data.statistics()
+    assert "your own images" in data.manifest["inference_transform"]["mu_image"]
+    with pytest.raises(ValueError, match="pass mu_image"):
+        data.transform_image_embedding(np.ones(DIM))
+    own = np.full(DIM, 0.2)
+    got = data.transform_image_embedding(np.ones(DIM), own)
+    np.testing.assert_allclose(got, (np.ones(DIM) / np.sqrt(DIM) - own)
+                               / np.linalg.norm(np.ones(DIM) / np.sqrt(DIM) - own), atol=1e-6)
