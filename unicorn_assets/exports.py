@@ -9,6 +9,7 @@ Each export is built in a staging folder, verified, then swapped in whole for th
 See unicorn_resources/export_reader.py for how a trainer reads it.
 """
 
+import enum
 import hashlib
 import json
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from unicorn_assets.checks import to_result
 from unicorn_assets.logic import exports as export
@@ -34,23 +35,26 @@ from unicorn_resources.storage import ParquetIOManager, join
 Storage = dg.ResourceParam[ParquetIOManager]
 
 
+class ExportFormat(enum.Enum):
+    """An Enum, so Dagster checks the names in a run config or profile before any run."""
+
+    llava = "llava"
+    unicorn = "unicorn"
+    unicorn_pickle = "unicorn_pickle"
+
+
 class ExportConfig(dg.Config):
     rows_per_file: int = Field(100_000, description="embedding rows per safetensors file")
-    formats: list[str] = Field(
+    formats: list[ExportFormat] = Field(
         ["llava"], min_length=1, description="llava (always written: records.jsonl/.json, "
         "safetensors shards); unicorn: also unicorn/ as the Unicorn reference trainer reads it "
         "(a `caption` key, ids = caption ids, embeddings keyed by id in safetensors); "
         "unicorn_pickle: also unicorn/embeddings.pkl, the trainer's own pickle (opt-in: pickle "
         "runs code when loaded, so load it only from a source you trust)")
 
-    @field_validator("formats")
-    @classmethod
-    def _known_formats(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(export.FORMATS))
-        if unknown:
-            raise ValueError(f"unknown export format(s) {unknown}: use some of "
-                             f"{list(export.FORMATS)}")
-        return value
+    @property
+    def format_names(self) -> list[str]:
+        return [getattr(f, "value", f) for f in self.formats]  # the default stays a string
 
 
 class PretrainExportConfig(ExportConfig):
@@ -99,13 +103,14 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
     target = export_folder(io_manager, config.export_dir)
     staging = export.staging_folder(target.fs, target.path)
     try:
-        if "unicorn_pickle" in config.formats:
+        if "unicorn_pickle" in config.format_names:
             context.log.warning(f"{dataset}: writing {export.UNICORN_PICKLE} as asked (format "
                                 "unicorn_pickle): pickle runs code when loaded; a trainer should "
                                 f"load it only from a source it trusts, or read "
                                 f"{export.UNICORN_EMBEDDINGS} instead")
         written = export.write_export(staging, records, embeddings, stats, config.rows_per_file,
-                                      formats=config.formats, captions=captions, dataset=dataset)
+                                      formats=config.format_names, captions=captions,
+                                      dataset=dataset)
         files = export.file_table(staging, written.embedding_files)
         manifest = export.manifest(dataset, written, stats, files, duplicates_dropped, **extra)
         (staging / export.MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
