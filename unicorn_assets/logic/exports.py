@@ -29,8 +29,8 @@ import json
 import logging
 import os
 import pickle
-import struct
 import shutil
+import struct
 import subprocess
 import tempfile
 import uuid
@@ -229,7 +229,7 @@ def write_export(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
     jsonl_to_array(folder / RECORDS, folder / RECORDS_ARRAY)
     (folder / CARD).write_text(dataset_card(dataset, stats), encoding="utf-8")
     if unicorn:
-        write_unicorn(folder, records, captions, pointers, writer.rows,
+        write_unicorn(folder, records, captions, pointers, writer.rows, stats.dim,
                       pickle_too="unicorn_pickle" in formats)
     stat_tensors = {"mu_text": stats.mu_text}
     if stats.mu_image is not None:
@@ -282,7 +282,8 @@ INFERENCE_LINE = {
 
 
 def write_unicorn(folder: Path, records: pl.LazyFrame, captions: pl.LazyFrame,
-                  pointers: pl.DataFrame, files: dict[str, int], pickle_too: bool) -> None:
+                  pointers: pl.DataFrame, files: dict[str, int], dim: int,
+                  pickle_too: bool) -> None:
     """The Unicorn reference trainer's layout: records keyed by caption id with a `caption` key,
     and one embedding per caption id, in the order of `pointers` (the export's shard files)."""
     (folder / UNICORN_DIR).mkdir(exist_ok=True)
@@ -297,15 +298,10 @@ def write_unicorn(folder: Path, records: pl.LazyFrame, captions: pl.LazyFrame,
     ids = pointers["caption_id"]
     with open(folder / UNICORN_IDS, "w", encoding="utf-8") as out:
         out.write("[")
-        for row, caption_id in enumerate(ids):
-            out.write(("" if row == 0 else ",\n") + json.dumps(caption_id))
+        out.writelines(("" if row == 0 else ",\n") + json.dumps(caption_id)
+                       for row, caption_id in enumerate(ids))
         out.write("]\n")
-    chunks = list(files.items())
-    dim = None
-    for name, _ in chunks[:1]:
-        with safe_open(str(folder / name), "np") as handle:
-            dim = handle.get_slice(TENSOR).get_shape()[1]
-    write_safetensors_streamed(folder / UNICORN_EMBEDDINGS, len(ids), dim or 0,
+    write_safetensors_streamed(folder / UNICORN_EMBEDDINGS, len(ids), dim,
                                lambda: _rows(folder, files, TENSOR),
                                lambda: _rows(folder, files, SHIFT_NORM))
     if pickle_too:
@@ -332,8 +328,7 @@ def write_safetensors_streamed(path: Path, rows: int, dim: int, embeddings, norm
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)) + raw)
         for part in (embeddings(), norms()):
-            for chunk in part:
-                out.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
+            out.writelines(np.ascontiguousarray(chunk, dtype="<f4").tobytes() for chunk in part)
     os.chmod(path, new_file_mode())
 
 

@@ -228,9 +228,9 @@ def test_records_json_is_the_jsonl_as_one_array(tmp_path: Path, source):
     records.json holds the same records in the same order."""
     frame, embeddings, stats = source
     build(tmp_path / "out", export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats)
-    with open(tmp_path / "out" / export.RECORDS) as handle:
-        with pytest.raises(json.JSONDecodeError, match="Extra data"):
-            json.load(handle)
+    with open(tmp_path / "out" / export.RECORDS) as handle, \
+            pytest.raises(json.JSONDecodeError, match="Extra data"):
+        json.load(handle)
     with open(tmp_path / "out" / export.RECORDS_ARRAY) as handle:
         array = json.load(handle)
     assert array == list(UnicornExport(tmp_path / "out").records()) and len(array) == 12
@@ -288,18 +288,18 @@ def test_load_dataset_loads_the_conversations(tmp_path: Path, source):
 def reference_trainer_pairs(folder: Path, embeddings_file: Path | None = None) -> list:
     """What the Unicorn reference trainer (Yu-xm/Unicorn bunny/util/data_utils.py and
     bunny/model/bunny_arch.py) does with a data file and its embeddings, rewritten from its
-    documented behaviour: json.load of the records (an array); a record without a `caption` key
+    documented behaviour: json.load of the records (an array, read whole); a record without a `caption` key
     gives None; the embedding is the entry whose str(id) equals str(record id); the collator
     stacks torch.from_numpy(embed); get_image_feature copies the one vector into 576 tokens."""
     import pickle
 
-    records = json.load(open(folder / export.UNICORN_RECORDS))
+    records = json.loads((folder / export.UNICORN_RECORDS).read_text())
     if embeddings_file is not None:  # the trainer's own path: pickles of [{"id", "embed"}]
-        entries = pickle.load(open(embeddings_file, "rb"))
+        entries = pickle.loads(embeddings_file.read_bytes())
     else:  # our safetensors, keyed by the ids file
         from safetensors.numpy import load_file
         tensors = load_file(str(folder / export.UNICORN_EMBEDDINGS))
-        ids = json.load(open(folder / export.UNICORN_IDS))
+        ids = json.loads((folder / export.UNICORN_IDS).read_text())
         entries = [{"id": i, "embed": tensors["embeddings"][row]} for row, i in enumerate(ids)]
     by_id = {str(e["id"]): e["embed"] for e in entries}
     out = []
@@ -379,7 +379,7 @@ def test_a_record_without_caption_is_what_the_reference_trainer_drops(tmp_path: 
     folder.mkdir()
     export.write_export(folder, export.pretrain_records(frame.lazy(), PROMPTS), embeddings, stats,
                         5, formats=["unicorn"], captions=frame.lazy())
-    records = json.load(open(folder / export.UNICORN_RECORDS))
+    records = json.loads((folder / export.UNICORN_RECORDS).read_text())
     del records[0]["caption"]
     (folder / export.UNICORN_RECORDS).write_text(json.dumps(records))
     assert reference_trainer_pairs(folder)[0] is None
@@ -410,7 +410,7 @@ def test_streamed_safetensors_and_pickle_equal_the_library_writers(tmp_path: Pat
     np.testing.assert_array_equal(loaded["shift_norm"], np.concatenate(norms))
     ids = [f"c{i}" for i in range(7)]
     export.write_embedding_pickle(tmp_path / "e.pkl", ids, iter(chunks))
-    items = pickle.load(open(tmp_path / "e.pkl", "rb"))
+    items = pickle.loads((tmp_path / "e.pkl").read_bytes())
     assert [i["id"] for i in items] == ids
     np.testing.assert_array_equal(np.stack([i["embed"] for i in items]), np.concatenate(chunks))
 
