@@ -9,6 +9,7 @@ Each export is built in a staging folder, verified, then swapped in whole for th
 See unicorn_resources/export_reader.py for how a trainer reads it.
 """
 
+import enum
 import hashlib
 import json
 import shutil
@@ -34,8 +35,26 @@ from unicorn_resources.storage import ParquetIOManager, join
 Storage = dg.ResourceParam[ParquetIOManager]
 
 
+class ExportFormat(enum.Enum):
+    """An Enum, so Dagster checks the names in a run config or profile before any run."""
+
+    llava = "llava"
+    unicorn = "unicorn"
+    unicorn_pickle = "unicorn_pickle"
+
+
 class ExportConfig(dg.Config):
     rows_per_file: int = Field(100_000, description="embedding rows per safetensors file")
+    formats: list[ExportFormat] = Field(
+        ["llava"], min_length=1, description="llava (always written: records.jsonl/.json, "
+        "safetensors shards); unicorn: also unicorn/ as the Unicorn reference trainer reads it "
+        "(a `caption` key, ids = caption ids, embeddings keyed by id in safetensors); "
+        "unicorn_pickle: also unicorn/embeddings.pkl, the trainer's own pickle (opt-in: pickle "
+        "runs code when loaded, so load it only from a source you trust)")
+
+    @property
+    def format_names(self) -> list[str]:
+        return [getattr(f, "value", f) for f in self.formats]  # the default stays a string
 
 
 class PretrainExportConfig(ExportConfig):
@@ -76,7 +95,7 @@ def refuse_mispaired(dataset: str, captions: pl.LazyFrame,
 def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager,
                  config: PretrainExportConfig | InstructExportConfig, records: pl.LazyFrame,
                  embeddings: pl.LazyFrame, stats_frame: pl.DataFrame, models: dict[str, list[str]],
-                 duplicates_dropped: int, **extra) -> dg.MaterializeResult:
+                 duplicates_dropped: int, captions: pl.LazyFrame, **extra) -> dg.MaterializeResult:
     """Stage, verify, then publish one export; a failure leaves the previous export untouched."""
     dataset = context.asset_key.to_user_string()
     stats = ModalityStatistics.from_frame(stats_frame)
@@ -84,7 +103,14 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
     target = export_folder(io_manager, config.export_dir)
     staging = export.staging_folder(target.fs, target.path)
     try:
-        written = export.write_export(staging, records, embeddings, stats, config.rows_per_file)
+        if "unicorn_pickle" in config.format_names:
+            context.log.warning(f"{dataset}: writing {export.UNICORN_PICKLE} as asked (format "
+                                "unicorn_pickle): pickle runs code when loaded; a trainer should "
+                                f"load it only from a source it trusts, or read "
+                                f"{export.UNICORN_EMBEDDINGS} instead")
+        written = export.write_export(staging, records, embeddings, stats, config.rows_per_file,
+                                      formats=config.format_names, captions=captions,
+                                      dataset=dataset)
         files = export.file_table(staging, written.embedding_files)
         manifest = export.manifest(dataset, written, stats, files, duplicates_dropped, **extra)
         (staging / export.MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -108,6 +134,8 @@ def build_export(context: dg.AssetExecutionContext, io_manager: ParquetIOManager
             "dagster/row_count": written.records, "embeddings": written.embeddings,
             "duplicates_dropped": duplicates_dropped,
             "embedding_files": len(written.embedding_files),
+            "formats": ", ".join(written.formats),
+            "inference_transform": dg.MetadataValue.json(manifest["inference_transform"]),
             "statistics_version": stats.version, "git_revision": manifest["git_revision"],
             "counts": dg.MetadataValue.json(manifest["counts"]),
             "models": dg.MetadataValue.json(manifest["models"]),
@@ -142,6 +170,7 @@ def pretrain_dataset(context: dg.AssetExecutionContext, config: PretrainExportCo
     return build_export(
         context, io_manager, config, records, transferred_embeddings, modality_statistics,
         models={"caption_llm": distinct(expanded_captions, "model_id")}, duplicates_dropped=dropped,
+        captions=expanded_captions,
         prompt_versions={"captions": distinct(expanded_captions, "prompt_version"),
                          "pretrain_prompts": f"{config.prompts}@{digest}"})
 
@@ -168,7 +197,7 @@ def instruct_dataset(context: dg.AssetExecutionContext, config: InstructExportCo
     return build_export(
         context, io_manager, config, export.instruct_records(kept),
         transferred_embeddings, modality_statistics, duplicates_dropped=dropped,
-        task_types=task_types,
+        captions=expanded_captions, task_types=task_types,
         models={"caption_llm": distinct(expanded_captions, "model_id"),
                 "instruction_llm": distinct(instructions, "model_id")},
         prompt_versions={"captions": distinct(expanded_captions, "prompt_version"),

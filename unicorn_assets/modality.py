@@ -9,6 +9,7 @@ mix shards shifted by different means; see the README's Stage 3 section.
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Literal
 
 import dagster as dg
 import polars as pl
@@ -24,6 +25,7 @@ from unicorn_assets.checks import (
     standard_checks,
 )
 from unicorn_assets.logic import modality, tokens
+from unicorn_assets.logic.exports import duplicate_caption_ids
 from unicorn_assets.logic.quality import Outcome, schema_matches
 from unicorn_assets.metadata import (
     KINDS,
@@ -68,9 +70,11 @@ TRANSFERRED_COLUMNS = {
     "caption_id": "the caption it embeds (expanded_captions.caption_id)",
     "caption_sha256": "SHA-256 of that caption's text: the pairing key",
     "shard": "the seed shard (partition key)",
-    "shift_norm": "L2 norm of u - mu_text (+ mu_image) before normalising",
+    "shift_norm": "L2 norm of u - mu_text (+ mu_image with mean_shift_to_image_mean) before "
+                  "normalising",
     "statistics_version": "the modality_statistics version it was shifted with",
-    modality.EMBEDDING: "the shifted embedding v = l2norm(u - mu_text (+ mu_image)), float32",
+    modality.EMBEDDING: "the shifted embedding v = l2norm(u - mu_text) (+ mu_image with "
+                        "mean_shift_to_image_mean), float32",
 }
 
 
@@ -161,10 +165,20 @@ def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
 
 # --- corpus-wide -------------------------------------------------------------------------------
 
+class TransferConfig(dg.Config):
+    method: Literal["mean_shift", "mean_shift_to_image_mean"] = Field(
+        modality.DEFAULT_METHOD, description="mean_shift (the Unicorn paper's): v = l2norm(u - "
+        "mu_text), real images centred by their own mean at inference; mean_shift_to_image_mean "
+        "(ours, needs reference_images): v = l2norm(u - mu_text + mu_image), real images used as "
+        "they are. Part of the statistics version: changing it marks the shift stale")
+
+
 class ModalityConfig(dg.Config):
     reference_images: str | None = Field(
-        None, description="a folder of real images whose mean CLIP embedding the shifted text "
-        "embeddings are moved to (v = l2norm(u - mu_text + mu_image)); null: shift to 0")
+        None, description="a folder of real images: their mean CLIP embedding (same encoder and "
+        "normalisation) is computed and shipped in the exports for the inference transform, "
+        "whatever the method; null: none")
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
 
 
 def image_summary(clip: ClipResource, folder: str) -> tuple[modality.EmbeddingSummary, int]:
@@ -181,7 +195,8 @@ def image_summary(clip: ClipResource, folder: str) -> tuple[modality.EmbeddingSu
 
 STATISTICS_SCHEMA = pl.Schema({
     "statistics_version": pl.String, "model_id": pl.String, "pretrained": pl.Boolean,
-    "count": pl.Int64, "dim": pl.Int64, "shards": pl.Int64, "image_count": pl.Int64})
+    "count": pl.Int64, "dim": pl.Int64, "shards": pl.Int64, "image_count": pl.Int64,
+    "method": pl.String, "duplicates": pl.Int64})
 modality_statistics_checks = [
     *standard_checks("modality_statistics", schema=STATISTICS_SCHEMA,
                      id_column="statistics_version",
@@ -193,8 +208,9 @@ modality_statistics_checks = [
 
 
 @dg.asset(
-    description="Corpus-wide mean of the caption embeddings over every shard (streamed), count, "
-    "dimension, model, an optional reference-image mean, and a version hash of all of it.",
+    description="Corpus-wide mean of the caption embeddings over every shard (streamed; each "
+    "exported caption text once), count, dimension, model, the transfer method, an optional "
+    "reference-image mean, and a version hash of all of it.",
     group_name=CORPUS_GROUP,
     kinds=KINDS,
     owners=OWNERS,
@@ -207,9 +223,16 @@ modality_statistics_checks = [
 )
 def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfig,
                         clip: ClipResource, quality_gates: QualityGates,
-                        caption_embeddings: pl.LazyFrame
+                        caption_embeddings: pl.LazyFrame, expanded_captions: pl.LazyFrame
                         ) -> Iterator[dg.Output | dg.AssetCheckResult]:
-    text, shards = modality.text_statistics(caption_embeddings)
+    method = config.transfer.method
+    if method == "mean_shift_to_image_mean" and not config.reference_images:
+        raise ValueError("transfer method mean_shift_to_image_mean needs an image mean: set "
+                         "ops.modality_statistics.config.reference_images to a folder of real "
+                         "images, or use transfer.method mean_shift (the paper's)")
+    # the exports leave out a caption whose exact text an earlier shard has: so does the mean
+    duplicates = duplicate_caption_ids(expanded_captions)
+    text, shards = modality.text_statistics(caption_embeddings, exclude=duplicates)
     (model_id,) = text.tags
     if model_id != clip.model_id:
         raise ValueError(f"caption_embeddings were made by {model_id}, but the clip resource is "
@@ -221,21 +244,25 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
     stats = modality.ModalityStatistics(
         model_id=model_id, pretrained=clip.is_pretrained, count=text.count, dim=text.dim,
         mu_text=text.mean, shards=shards, image_count=image_count, mu_image=mu_image,
-        image_source=config.reference_images)
-    context.log.info(f"statistics {stats.version}: {stats.count} captions over {shards} shard(s)"
+        image_source=config.reference_images, method=method, duplicates=len(duplicates))
+    context.log.info(f"statistics {stats.version} ({method}): {stats.count} captions over "
+                     f"{shards} shard(s), {len(duplicates)} duplicate(s) left out"
                      + (f", {image_count} reference images" if image_count else ""))
     frame = stats.to_frame()
     yield dg.Output(frame, metadata=frame_metadata(
-        frame, ["statistics_version", "model_id", "count", "dim", "shards", "image_count"],
+        frame, ["statistics_version", "model_id", "method", "count", "duplicates", "dim", "shards",
+                "image_count"],
         statistics_version=stats.version, transfer=stats.parameters(),
+        inference_transform=dg.MetadataValue.json(stats.inference_transform()),
         **({} if stats.pretrained else {"model_note": UNTRAINED_CLIP_NOTE})))
     yield from evaluate(modality_statistics_checks, {"": {"modality_statistics": frame}},
                         quality_gates)
 
 
 @dg.asset(
-    description="Every caption embedding moved toward the image modality: v = l2norm(u - mu_text "
-    "(+ mu_image)), all rows with ONE statistics version, streamed to Parquet.",
+    description="Every caption embedding moved toward the image modality: v = l2norm(u - mu_text) "
+    "(the paper's; + mu_image with mean_shift_to_image_mean), all rows with ONE statistics "
+    "version, streamed to Parquet.",
     group_name=CORPUS_GROUP,
     kinds=KINDS,
     owners=OWNERS,
@@ -253,7 +280,7 @@ def transferred_embeddings(caption_embeddings: pl.LazyFrame,
     meta = {"dagster/row_count": rows,
             "dagster/column_schema": table_schema(shifted.collect_schema(), TRANSFERRED_COLUMNS),
             "sample": dg.MetadataValue.md(markdown_table(sample)),
-            "formula": modality.TRANSFER_FORMULA, "statistics_version": stats.version,
+            "formula": stats.formula, "statistics_version": stats.version,
             "transfer": dg.MetadataValue.json(stats.parameters())}
     if not stats.pretrained:
         meta["model_note"] = UNTRAINED_CLIP_NOTE
@@ -265,8 +292,9 @@ TRANSFER_CHECKS = {
     "embedding_dimension": "the embedding width is the statistics' dimension",
     "finite": "no NaN or Inf in any shifted embedding",
     "norms_in_range": "every L2 norm within quality_gates.embedding_norm_tolerance of 1",
-    "shifted_mean": "the mean of the shifted, unnormalised embeddings (v * shift_norm) is 0, or "
-                    "mu_image, within quality_gates.transfer_mean_tolerance",
+    "shifted_mean": "the mean of the shifted, unnormalised embeddings (v * shift_norm) over the "
+                    "exported captions is 0 (mean_shift), or mu_image (mean_shift_to_image_mean), "
+                    "within quality_gates.transfer_mean_tolerance",
     "single_statistics_version": "every row was shifted with the current modality_statistics, "
                                  "and they cover every caption",
     "unique_ids": "caption_id is unique",
@@ -275,19 +303,26 @@ TRANSFER_CHECKS = {
 
 @dg.multi_asset_check(
     specs=[dg.AssetCheckSpec(name, asset="transferred_embeddings", blocking=True, description=text,
-                             additional_deps=["modality_statistics"])
+                             additional_deps=["modality_statistics", "expanded_captions"])
            for name, text in TRANSFER_CHECKS.items()],
     ins={"transferred_embeddings": dg.AssetIn("transferred_embeddings"),
-         "modality_statistics": dg.AssetIn("modality_statistics")},
+         "modality_statistics": dg.AssetIn("modality_statistics"),
+         "expanded_captions": dg.AssetIn("expanded_captions")},
     description="One streamed pass over the shifted embeddings feeds every check.",
 )
 def transferred_embeddings_checks(quality_gates: QualityGates,
                                   transferred_embeddings: pl.LazyFrame,
-                                  modality_statistics: pl.DataFrame
+                                  modality_statistics: pl.DataFrame,
+                                  expanded_captions: pl.LazyFrame
                                   ) -> Iterator[dg.AssetCheckResult]:
     stats = modality.ModalityStatistics.from_frame(modality_statistics)
     summary = modality.summarise(transferred_embeddings, weight="shift_norm",
                                  tag="statistics_version")
+    # the mean is taken over the exported captions: duplicates of an earlier shard's text left out
+    duplicates = duplicate_caption_ids(expanded_captions)
+    exported = (transferred_embeddings.filter(~pl.col("caption_id").is_in(duplicates.implode()))
+                if len(duplicates) else transferred_embeddings)
+    in_mean = modality.summarise(exported, weight="shift_norm") if len(duplicates) else summary
     tol = quality_gates.embedding_norm_tolerance
     distinct = transferred_embeddings.select(pl.col("caption_id").n_unique()).collect().item()
     outcomes = {
@@ -296,8 +331,8 @@ def transferred_embeddings_checks(quality_gates: QualityGates,
         "embedding_dimension": modality.dimension(summary, stats.dim),
         "finite": modality.finite(summary),
         "norms_in_range": modality.norms_in_range(summary, 1 - tol, 1 + tol),
-        "shifted_mean": modality.shifted_mean(summary, stats, quality_gates.transfer_mean_tolerance)
-        if summary.count > summary.nonfinite_rows else Outcome(False, "no finite rows"),
+        "shifted_mean": modality.shifted_mean(in_mean, stats, quality_gates.transfer_mean_tolerance)
+        if in_mean.count > in_mean.nonfinite_rows else Outcome(False, "no finite rows"),
         "single_statistics_version": modality.single_version(summary, stats),
         "unique_ids": Outcome(distinct == summary.count,
                               f"{summary.count - distinct} duplicate caption_id(s)"),

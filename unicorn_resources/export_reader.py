@@ -3,7 +3,10 @@
     python -m unicorn_resources.export_reader data/exports/unicorn_pretrain [record id]
 
 Needs only `safetensors` and numpy (or torch: open with framework="pt"). The embedding takes the
-place of the image features: feed it through the projector where LLaVA feeds the vision tower's.
+place of the image features: feed it through the projector where LLaVA feeds the vision tower's
+(the Unicorn reference trainer copies the one vector into 576 tokens first; its projector's input
+width, mm_hidden_size, is the embedding dimension). At inference, map a real image's embedding with
+`transform_image_embedding` so it lands where the training vectors were.
 """
 
 from __future__ import annotations
@@ -30,13 +33,61 @@ class UnicornExport:
             for line in handle:
                 yield json.loads(line)
 
-    def embedding(self, record: dict[str, Any]) -> np.ndarray:
-        """The record's float32 vector; files are memory-mapped, only the row is read."""
+    def _row(self, record: dict[str, Any], tensor: str) -> np.ndarray:
         pointer = record["embedding"]
         if pointer["file"] not in self._open:
             self._open[pointer["file"]] = safe_open(str(self.folder / pointer["file"]), "np")
-        rows = self._open[pointer["file"]].get_slice(self.manifest["embedding"]["tensor"])
+        rows = self._open[pointer["file"]].get_slice(tensor)
         return rows[pointer["row"] : pointer["row"] + 1][0]
+
+    def embedding(self, record: dict[str, Any]) -> np.ndarray:
+        """The record's float32 vector; files are memory-mapped, only the row is read."""
+        return self._row(record, self.manifest["embedding"]["tensor"])
+
+    def shift_norm(self, record: dict[str, Any]) -> float:
+        """||u - offset|| before normalising: embedding * shift_norm is the public code's
+        un-normalised vector u - mu_text (for the paper's mean_shift)."""
+        return float(self._row(record, self.manifest["embedding"]["shift_norm_tensor"]))
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """mu_text, and mu_image when the export ships one (float64)."""
+        with safe_open(str(self.folder / self.manifest["statistics_file"]), "np") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+
+    def transform_image_embedding(self, e: np.ndarray, mu_image: np.ndarray | None = None
+                                  ) -> np.ndarray:
+        """A real image's embedding (same encoder, one (dim,) vector or (n, dim) rows) mapped as
+        the manifest's inference_transform says. For the paper's mean_shift that is
+        l2norm(e - mu_image): pass the mean over your own images as `mu_image` (the paper), or
+        leave it None to use the reference-image mean the export ships."""
+        e = np.asarray(e, dtype=np.float64)
+        e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+        if self.manifest["transfer"]["method"] == "mean_shift_to_image_mean":
+            return e.astype(np.float32)
+        if mu_image is None:
+            mu_image = self.statistics().get("mu_image")
+        if mu_image is None:
+            raise ValueError("this export ships no mu_image (no reference_images were set): pass "
+                             "mu_image, the mean of your images' l2-normalised embeddings")
+        centred = e - np.asarray(mu_image, dtype=np.float64)
+        return (centred / np.linalg.norm(centred, axis=-1, keepdims=True)).astype(np.float32)
+
+    def unicorn_pairs(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+        """(record, float32 vector) of the `unicorn` format (unicorn/records.json with
+        unicorn/embeddings.safetensors), matched by id as the Unicorn reference trainer does."""
+        layout = self.manifest.get("unicorn")
+        if layout is None:
+            raise ValueError(f"{self.folder} has no unicorn format: export it with formats "
+                             "[llava, unicorn]")
+        ids = json.loads((self.folder / layout["ids_file"]).read_text(encoding="utf-8"))
+        row_of = {str(i): row for row, i in enumerate(ids)}
+        with safe_open(str(self.folder / layout["embeddings_file"]), "np") as handle:
+            rows = handle.get_slice("embeddings")
+            with open(self.folder / layout["records_file"], encoding="utf-8") as file:
+                records = json.load(file)
+            for record in records:
+                row = row_of[str(record["id"])]
+                yield record, rows[row : row + 1][0]
 
 
 def main(folder: str, record_id: str | None = None) -> None:

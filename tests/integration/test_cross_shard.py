@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import polars as pl
 
 from dagster_project.automation import NightlySettings, with_nightly_conditions
@@ -28,6 +29,7 @@ from tests.support import (
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import ExpansionConfig, expand_captions
 from unicorn_assets.logic import exports as export
+from unicorn_assets.logic.modality import ModalityStatistics
 from unicorn_assets.logic.text import caption_sha256_series
 from unicorn_assets.partitions import SEED_SHARDS, seed_shards
 from unicorn_resources.export_reader import UnicornExport
@@ -85,7 +87,9 @@ def test_shards_numbered_alike_export_every_caption_once(tmp_path: Path, instanc
     assert repeated.height > 0 and set(repeated["seed_id"]) == {"1"}
 
     corpus = defs.resolve_job_def("unicorn_corpus_job").execute_in_process(
-        instance=instance, raise_on_error=False)
+        instance=instance, raise_on_error=False, run_config={"ops": {
+            "pretrain_dataset": {"config": {"formats": ["llava", "unicorn"]}},
+            "instruct_dataset": {"config": {"formats": ["llava", "unicorn_pickle"]}}}})
     assert corpus.success and not failed_checks(corpus), failed_checks(corpus)
     pretrain = UnicornExport(data / "exports" / "unicorn_pretrain")
     records = list(pretrain.records())
@@ -96,6 +100,24 @@ def test_shards_numbered_alike_export_every_caption_once(tmp_path: Path, instanc
     assert sorted(texts) == sorted(set(captions["caption"]))  # every text, once
     assert materialization(corpus, "pretrain_dataset")["duplicates_dropped"].value \
         == repeated.height
+
+    # mu_text is the mean over the exported captions: each repeated text counted once
+    stats = ModalityStatistics.from_frame(pl.read_parquet(data / "modality_statistics.parquet"))
+    assert (stats.count, stats.duplicates) == (len(records), repeated.height)
+    embedded = pl.read_parquet(data / "caption_embeddings" / "*.parquet").filter(
+        ~pl.col("caption_id").is_in(repeated["caption_id"].implode()))
+    np.testing.assert_allclose(stats.mu_text, embedded["embedding"].to_numpy().mean(axis=0),
+                               atol=1e-6)
+    # the unicorn format: ids are caption ids in both exports, every record has its caption
+    by_caption = dict(zip(captions["caption_id"], captions["caption"]))
+    for folder in (pretrain, UnicornExport(data / "exports" / "unicorn_instruct")):
+        pairs = list(folder.unicorn_pairs())
+        assert len(pairs) == folder.manifest["counts"]["records"]
+        assert all(by_caption[r["id"]] == r["caption"] for r, _ in pairs)
+    assert (data / "exports" / "unicorn_instruct" / export.UNICORN_PICKLE).is_file()
+    assert not (data / "exports" / "unicorn_pretrain" / export.UNICORN_PICKLE).exists()
+    assert any("pickle runs code" in e.user_message and e.step_key == "instruct_dataset"
+               for e in instance.all_logs(corpus.run_id))  # the opt-in warns in the run log
 
     instructions = pl.read_parquet(data / "instructions" / "*.parquet")
     of_repeated = instructions.filter(pl.col("caption_id").is_in(repeated["caption_id"].implode()))

@@ -6,9 +6,18 @@ Layout of one export folder:
                                      versions, sha256 and size of every file
     records.jsonl                    {"id", "caption_id", "caption_sha256", ..., "conversations",
                                       "embedding": {"file", "row"}}
+    records.json                     the same records as one JSON array (LLaVA's json.load)
+    README.md                        dataset card: `datasets.load_dataset(folder)` loads records.jsonl
     index.parquet                    id, file, row (random access by id)
-    embeddings/embeddings-00000.safetensors   tensor "embeddings": float32 (rows, dim)
+    embeddings/embeddings-00000.safetensors   tensors "embeddings": float32 (rows, dim) and
+                                     "shift_norm": float32 (rows,), ||u - offset|| before l2norm
     modality_statistics.safetensors  mu_text (and mu_image): the shift that was applied
+    unicorn/                         with format "unicorn": what the Unicorn reference trainer reads
+        records.json                 [{"id": caption_id, "caption", "caption_sha256", "record_id",
+                                       "conversations"}, ...]
+        embeddings.safetensors       "embeddings" float32 (n, dim), "shift_norm" float32 (n,)
+        embedding_ids.json           [caption_id, ...]: row i is ids[i]
+        embeddings.pkl               (format "unicorn_pickle" only) [{"id", "embed"}, ...]
 
 Everything streams: embeddings in row batches, records through polars sinks.
 """
@@ -17,12 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
 import shutil
+import struct
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +44,7 @@ import fsspec
 import numpy as np
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from unicorn_assets.logic.modality import ModalityStatistics, iter_vectors
@@ -39,9 +52,18 @@ from unicorn_assets.logic.pairing import DIGEST
 from unicorn_assets.logic.quality import Outcome
 
 EXPORT_FORMAT = "unicorn-export/1"
-TENSOR = "embeddings"
+TENSOR, SHIFT_NORM = "embeddings", "shift_norm"
 RECORDS, INDEX, MANIFEST, STATISTICS = ("records.jsonl", "index.parquet", "manifest.json",
                                         "modality_statistics.safetensors")
+RECORDS_ARRAY, CARD = "records.json", "README.md"
+# format "unicorn": the layout the Unicorn reference trainer (Yu-xm/Unicorn) reads
+UNICORN_DIR = "unicorn"
+UNICORN_RECORDS = f"{UNICORN_DIR}/records.json"
+UNICORN_EMBEDDINGS = f"{UNICORN_DIR}/embeddings.safetensors"
+UNICORN_IDS = f"{UNICORN_DIR}/embedding_ids.json"
+UNICORN_PICKLE = f"{UNICORN_DIR}/embeddings.pkl"
+FORMATS = ("llava", "unicorn", "unicorn_pickle")
+log = logging.getLogger(__name__)
 TURN = pl.Struct({"from": pl.String, "value": pl.String})
 PAIR = ["caption_id", DIGEST]  # a record and an embedding pair only when both are equal
 
@@ -123,17 +145,20 @@ class _ShardWriter:
     def __init__(self, folder: Path, rows_per_file: int, dim: int, metadata: dict[str, str]):
         self.folder, self.metadata = folder, metadata
         self.buffer = np.empty((rows_per_file, dim), dtype=np.float32)
+        self.norms = np.empty(rows_per_file, dtype=np.float32)
         self.filled = 0
         self.ids: list[pl.DataFrame] = []
         self.pointers: list[pl.DataFrame] = []
         self.rows: dict[str, int] = {}
 
     def add(self, vectors: np.ndarray, keys: pl.DataFrame) -> None:
-        """`keys`: the caption_id and caption_sha256 of each row of `vectors`."""
+        """`keys`: the caption_id, caption_sha256 and shift_norm of each row of `vectors`."""
+        norms = keys[SHIFT_NORM].to_numpy()
         start = 0
         while start < len(vectors):
             take = min(len(self.buffer) - self.filled, len(vectors) - start)
             self.buffer[self.filled : self.filled + take] = vectors[start : start + take]
+            self.norms[self.filled : self.filled + take] = norms[start : start + take]
             self.ids.append(keys.slice(start, take))
             self.filled += take
             start += take
@@ -145,7 +170,8 @@ class _ShardWriter:
             return
         name = f"embeddings/embeddings-{len(self.rows):05d}.safetensors"
         (self.folder / "embeddings").mkdir(parents=True, exist_ok=True)
-        save_tensors({TENSOR: self.buffer[: self.filled]}, self.folder / name, self.metadata)
+        save_tensors({TENSOR: self.buffer[: self.filled], SHIFT_NORM: self.norms[: self.filled]},
+                      self.folder / name, self.metadata)
         self.rows[name] = self.filled
         self.pointers.append(pl.concat(self.ids).select(PAIR).with_columns(
             pl.Series("file", [name] * self.filled, dtype=pl.String),
@@ -158,21 +184,32 @@ class WrittenExport:
     records: int
     embeddings: int
     embedding_files: dict[str, int]  # file -> rows
+    formats: tuple[str, ...] = ("llava",)
 
 
 def write_export(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
-                 stats: ModalityStatistics, rows_per_file: int) -> WrittenExport:
+                 stats: ModalityStatistics, rows_per_file: int,
+                 formats: Sequence[str] = ("llava",), captions: pl.LazyFrame | None = None,
+                 dataset: str = "unicorn") -> WrittenExport:
     """Write the embeddings the records use, then the records and the index, into `folder`.
     A record uses the embedding of equal caption_id AND caption_sha256: an embedding of another
     text never pairs (the record is left without one, which records_resolve refuses).
-    Refuses embeddings shifted with any statistics but `stats` (the export's single version)."""
+    Refuses embeddings shifted with any statistics but `stats` (the export's single version).
+    `formats`: "llava" is always written; "unicorn" (and "unicorn_pickle") add the reference
+    trainer's layout under unicorn/, which needs `captions` (caption_id, caption_sha256, caption)."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; use some of {list(FORMATS)}")
+    unicorn = bool({"unicorn", "unicorn_pickle"} & set(formats))
+    if unicorn and captions is None:
+        raise ValueError("the unicorn export format needs the captions (their text)")
     # a filter on the (small) set of used keys streams; a semi join would buffer the embeddings
     keys = records.select(pair_key().unique().alias("key")).collect()["key"].drop_nulls()
     used = embeddings.filter(pair_key().is_in(keys.implode()))
     writer = _ShardWriter(folder, rows_per_file, stats.dim, {
         "statistics_version": stats.version, "model_id": stats.model_id, "dim": str(stats.dim)})
     versions: set[str] = set()
-    for vectors, rest in iter_vectors(used, *PAIR, "statistics_version"):
+    for vectors, rest in iter_vectors(used, *PAIR, SHIFT_NORM, "statistics_version"):
         versions.update(rest["statistics_version"].unique().to_list())
         writer.add(vectors, rest)
     writer.flush()
@@ -189,12 +226,128 @@ def write_export(folder: Path, records: pl.LazyFrame, embeddings: pl.LazyFrame,
         .sink_ndjson(folder / RECORDS, lazy=True),
         joined.select("id", "file", "row").sink_parquet(folder / INDEX, lazy=True),
     ])
+    jsonl_to_array(folder / RECORDS, folder / RECORDS_ARRAY)
+    (folder / CARD).write_text(dataset_card(dataset, stats), encoding="utf-8")
+    if unicorn:
+        write_unicorn(folder, records, captions, pointers, writer.rows, stats.dim,
+                      pickle_too="unicorn_pickle" in formats)
     stat_tensors = {"mu_text": stats.mu_text}
     if stats.mu_image is not None:
         stat_tensors["mu_image"] = stats.mu_image
     save_tensors(stat_tensors, folder / STATISTICS, {"statistics_version": stats.version})
     n_records = pl.scan_parquet(folder / INDEX).select(pl.len()).collect().item()
-    return WrittenExport(n_records, pointers.height, writer.rows)
+    return WrittenExport(n_records, pointers.height, writer.rows,
+                         tuple(f for f in FORMATS if f == "llava" or f in formats
+                               or (f == "unicorn" and unicorn)))
+
+
+def jsonl_to_array(source: Path, target: Path) -> None:
+    """Copy a JSON-lines file into one JSON array, line by line (memory: one line)."""
+    with open(source, encoding="utf-8") as lines, open(target, "w", encoding="utf-8") as out:
+        out.write("[")
+        first = True
+        for line in lines:
+            if line.strip():
+                out.write(("\n" if first else ",\n") + line.rstrip("\n"))
+                first = False
+        out.write("\n]\n")
+
+
+def dataset_card(dataset: str, stats: ModalityStatistics) -> str:
+    """A Hugging Face dataset card whose `configs` point `load_dataset(folder)` at the records
+    (without it the library picks index.parquet, the only Parquet file)."""
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {RECORDS}
+---
+# {dataset}
+
+LLaVA-format conversations made from text alone by Unicorn. Each record's `embedding` points to
+its row in `embeddings/*.safetensors` (tensor `{TENSOR}`, float32, {stats.dim}-d, from
+{stats.model_id}; `{SHIFT_NORM}` beside it), which stands in for the image features.
+Transfer: {stats.formula}. At inference, for a real image embedding e:
+{INFERENCE_LINE.get(stats.method, "")}
+`manifest.json` lists every file with its sha256. `records.json` is the same records as one JSON
+array (for trainers that `json.load` the data file).
+"""
+
+
+INFERENCE_LINE = {
+    "mean_shift": "e' = l2norm(e - mu_image), mu_image the mean over your images (the paper).",
+    "mean_shift_to_image_mean": "use e as it is (the vectors were moved to the image mean).",
+}
+
+
+def write_unicorn(folder: Path, records: pl.LazyFrame, captions: pl.LazyFrame,
+                  pointers: pl.DataFrame, files: dict[str, int], dim: int,
+                  pickle_too: bool) -> None:
+    """The Unicorn reference trainer's layout: records keyed by caption id with a `caption` key,
+    and one embedding per caption id, in the order of `pointers` (the export's shard files)."""
+    (folder / UNICORN_DIR).mkdir(exist_ok=True)
+    texts = captions.select("caption_id", DIGEST, "caption")
+    tmp = folder / UNICORN_DIR / ".records.jsonl"
+    (records.join(texts, on=PAIR, how="inner", maintain_order="left")
+     .select(pl.col("caption_id").alias("id"), "caption", DIGEST, pl.col("id").alias("record_id"),
+             "conversations")
+     .sink_ndjson(tmp))
+    jsonl_to_array(tmp, folder / UNICORN_RECORDS)
+    tmp.unlink()
+    ids = pointers["caption_id"]
+    with open(folder / UNICORN_IDS, "w", encoding="utf-8") as out:
+        out.write("[")
+        out.writelines(("" if row == 0 else ",\n") + json.dumps(caption_id)
+                       for row, caption_id in enumerate(ids))
+        out.write("]\n")
+    write_safetensors_streamed(folder / UNICORN_EMBEDDINGS, len(ids), dim,
+                               lambda: _rows(folder, files, TENSOR),
+                               lambda: _rows(folder, files, SHIFT_NORM))
+    if pickle_too:
+        log.warning("writing %s: pickle runs code when loaded; load it only from a source you "
+                    "trust (the safetensors beside it holds the same vectors)", UNICORN_PICKLE)
+        write_embedding_pickle(folder / UNICORN_PICKLE, ids, _rows(folder, files, TENSOR))
+
+
+def _rows(folder: Path, files: dict[str, int], tensor: str) -> Iterator[np.ndarray]:
+    """The rows of `tensor` over the export's shard files in order, one file at a time."""
+    for name in files:
+        with safe_open(str(folder / name), "np") as handle:
+            yield handle.get_tensor(tensor)
+
+
+def write_safetensors_streamed(path: Path, rows: int, dim: int, embeddings, norms) -> None:
+    """A safetensors file of "embeddings" float32 (rows, dim) and "shift_norm" float32 (rows,),
+    written chunk by chunk (the format: u64 header length, JSON header, raw little-endian data)."""
+    size = rows * dim * 4
+    header = {TENSOR: {"dtype": "F32", "shape": [rows, dim], "data_offsets": [0, size]},
+              SHIFT_NORM: {"dtype": "F32", "shape": [rows], "data_offsets": [size, size + rows * 4]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for part in (embeddings(), norms()):
+            out.writelines(np.ascontiguousarray(chunk, dtype="<f4").tobytes() for chunk in part)
+    os.chmod(path, new_file_mode())
+
+
+def write_embedding_pickle(path: Path, ids: Sequence[str], vectors: Iterator[np.ndarray]) -> None:
+    """The reference trainer's pickle: a list of {"id", "embed": float32 ndarray (dim,)}, written
+    item by item (a protocol-2 list opened once, items appended in batches), not built in memory."""
+    with open(path, "wb") as out:
+        out.write(b"\x80\x02" + pickle.EMPTY_LIST)
+        row = 0
+        for chunk in vectors:
+            out.write(pickle.MARK)
+            for vector in chunk:
+                item = pickle.dumps({"id": ids[row], "embed": np.array(vector, dtype=np.float32)},
+                                    protocol=2)
+                out.write(item[2:-1])  # without its PROTO header and STOP
+                row += 1
+            out.write(pickle.APPENDS)
+        out.write(pickle.STOP)
+    os.chmod(path, new_file_mode())
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -222,14 +375,24 @@ def manifest(dataset: str, written: WrittenExport, stats: ModalityStatistics,
         "git_revision": git_revision(),
         "counts": {"records": written.records, "embeddings": written.embeddings,
                    "duplicates_dropped": duplicates_dropped},
-        "records_file": RECORDS, "index_file": INDEX, "statistics_file": STATISTICS,
+        "records_file": RECORDS, "records_array_file": RECORDS_ARRAY, "index_file": INDEX,
+        "statistics_file": STATISTICS, "formats": list(written.formats),
         "embedding": {"dim": stats.dim, "dtype": "float32", "tensor": TENSOR,
+                      "shift_norm_tensor": SHIFT_NORM,
+                      "unnormalised": f"v * {SHIFT_NORM} = u - offset, the public code's "
+                                      "un-normalised vector",
                       "model_id": stats.model_id, "pretrained": stats.pretrained},
         "statistics_version": stats.version,
         "transfer": stats.parameters(),
+        "inference_transform": stats.inference_transform(),
         **extra,
         "files": files,
     }
+    if "unicorn" in written.formats:
+        out["unicorn"] = {"records_file": UNICORN_RECORDS, "embeddings_file": UNICORN_EMBEDDINGS,
+                          "ids_file": UNICORN_IDS, "record_key": "id = caption_id",
+                          **({"pickle_file": UNICORN_PICKLE}
+                             if "unicorn_pickle" in written.formats else {})}
     if not stats.pretrained:
         out["note"] = ("embeddings come from an untrained CLIP model (random weights): they mean "
                        "nothing; for pipeline tests only")

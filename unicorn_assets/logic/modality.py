@@ -1,5 +1,6 @@
 """Stage 3: CLIP text embeddings of the captions, corpus statistics, and the mean-shift transfer
-v = l2norm(u - mu_text + mu_image) that moves text embeddings toward the image modality.
+that moves text embeddings toward the image modality: the paper's v = l2norm(u - mu_text)
+(`mean_shift`), or the variant v = l2norm(u - mu_text + mu_image) (`mean_shift_to_image_mean`).
 
 Everything corpus-wide streams in row batches: nothing holds all embeddings in memory.
 """
@@ -20,7 +21,21 @@ from unicorn_assets.logic.quality import Outcome
 EMBEDDING = "embedding"
 BATCH_ROWS = 16_384  # rows per streamed batch: 48 MiB of float32 at 768 dimensions
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TRANSFER_FORMULA = "v = (u - mu_text + mu_image) / ||u - mu_text + mu_image||  (mu_image = 0 when absent)"
+# method -> formula. `mean_shift` is the Unicorn paper's (and its public code's, before the l2norm).
+TRANSFER_FORMULAS = {
+    "mean_shift": "v = (u - mu_text) / ||u - mu_text||",
+    "mean_shift_to_image_mean": "v = (u - mu_text + mu_image) / ||u - mu_text + mu_image||",
+}
+TRANSFER_METHODS = tuple(TRANSFER_FORMULAS)
+DEFAULT_METHOD = "mean_shift"
+TRANSFER_FORMULA = TRANSFER_FORMULAS[DEFAULT_METHOD]
+# What a trainer does to a REAL image embedding e (same encoder, l2-normalised) at inference, so it
+# lands where the training vectors v are: the paper centres real images by their own mean.
+INFERENCE_TRANSFORMS = {
+    "mean_shift": "e' = (e - mu_image) / ||e - mu_image||",
+    "mean_shift_to_image_mean": "e' = e (already unit norm: the training vectors were moved to "
+                                "the image mean, so real image embeddings are used as they are)",
+}
 
 
 def embedding_dtype(dim: int) -> pl.Array:
@@ -119,11 +134,24 @@ class ModalityStatistics:
     image_count: int = 0
     mu_image: np.ndarray | None = None
     image_source: str | None = None
+    method: str = DEFAULT_METHOD
+    duplicates: int = 0  # captions left out of mu_text: exact copies of an earlier shard's caption
+
+    def __post_init__(self) -> None:
+        if self.method not in TRANSFER_FORMULAS:
+            raise ValueError(f"unknown transfer method {self.method!r}; use one of "
+                             f"{', '.join(TRANSFER_METHODS)}")
+        if self.method == "mean_shift_to_image_mean" and self.mu_image is None:
+            raise ValueError("transfer method mean_shift_to_image_mean needs an image mean: set "
+                             "modality_statistics' reference_images to a folder of real images, "
+                             "or use method mean_shift")
 
     @property
     def version(self) -> str:
-        """A content hash: any change of model, corpus or image set gives a new version."""
-        head = json.dumps([self.model_id, self.count, self.dim, self.image_count, self.image_source])
+        """A content hash: any change of model, corpus, image set or transfer method gives a new
+        version (so a changed method marks every shifted embedding stale)."""
+        head = json.dumps([self.model_id, self.count, self.dim, self.image_count, self.image_source,
+                           self.method, self.duplicates])
         digest = hashlib.sha256(head.encode())
         digest.update(np.ascontiguousarray(self.mu_text, dtype=np.float64).tobytes())
         if self.mu_image is not None:
@@ -132,8 +160,30 @@ class ModalityStatistics:
 
     @property
     def target(self) -> np.ndarray:
-        """Where the mean of the shifted (unnormalised) text embeddings lands: mu_image, or 0."""
-        return self.mu_image if self.mu_image is not None else np.zeros(self.dim)
+        """Where the mean of the shifted (unnormalised) text embeddings lands: 0 for the paper's
+        mean_shift, mu_image for mean_shift_to_image_mean."""
+        if self.method == "mean_shift_to_image_mean":
+            return self.mu_image
+        return np.zeros(self.dim)
+
+    @property
+    def formula(self) -> str:
+        return TRANSFER_FORMULAS[self.method]
+
+    def inference_transform(self) -> dict:
+        """How a trainer maps a real image embedding at inference, and where mu_image comes from."""
+        out = {"formula": INFERENCE_TRANSFORMS[self.method], "applies_to": "a real image's "
+               f"embedding e from {self.model_id}, l2-normalised as the text embeddings were"}
+        if self.method != "mean_shift":
+            return out
+        if self.mu_image is not None:
+            out["mu_image"] = (f"shipped: tensor mu_image of the export's statistics file, the mean "
+                               f"over {self.image_count} reference images ({self.image_source}); "
+                               "better: the mean over your own images, as the paper does")
+        else:
+            out["mu_image"] = (f"not shipped: compute the mean of {self.model_id}'s l2-normalised "
+                               "embeddings over your own images")
+        return out
 
     @property
     def offset(self) -> np.ndarray:
@@ -141,7 +191,8 @@ class ModalityStatistics:
         return self.mu_text - self.target
 
     def parameters(self) -> dict:
-        return {"formula": TRANSFER_FORMULA, "statistics_version": self.version,
+        return {"method": self.method, "formula": self.formula,
+                "statistics_version": self.version, "duplicates_left_out": self.duplicates,
                 "model_id": self.model_id, "count": self.count, "dim": self.dim,
                 "mu_text_norm": float(np.linalg.norm(self.mu_text)),
                 "mu_image_norm": None if self.mu_image is None else float(np.linalg.norm(self.mu_image)),
@@ -156,6 +207,7 @@ class ModalityStatistics:
             "image_count": [self.image_count],
             "mu_image": pl.Series([self.mu_image], dtype=vec),
             "image_source": pl.Series([self.image_source], dtype=pl.String),
+            "method": [self.method], "duplicates": [self.duplicates],
         })
 
     @classmethod
@@ -163,21 +215,29 @@ class ModalityStatistics:
         if frame.height != 1:
             raise ValueError(f"modality_statistics must have one row, found {frame.height}")
         row = frame.row(0, named=True)
+        if "method" not in row:
+            raise ValueError("modality_statistics was made before transfer methods: "
+                             "re-materialise modality_statistics (unicorn_corpus_job)")
         stats = cls(model_id=row["model_id"], pretrained=row["pretrained"], count=row["count"],
                     dim=row["dim"], mu_text=np.asarray(row["mu_text"], dtype=np.float64),
                     shards=row["shards"], image_count=row["image_count"],
                     mu_image=None if row["mu_image"] is None
                     else np.asarray(row["mu_image"], dtype=np.float64),
-                    image_source=row["image_source"])
+                    image_source=row["image_source"], method=row["method"],
+                    duplicates=row["duplicates"])
         if stats.version != row["statistics_version"]:
             raise ValueError(f"modality_statistics was edited: its stored version "
                              f"{row['statistics_version']} does not match its content ({stats.version})")
         return stats
 
 
-def text_statistics(embeddings: pl.LazyFrame | pl.DataFrame,
-                    batch_rows: int = BATCH_ROWS) -> tuple[EmbeddingSummary, int]:
-    """(summary with the streamed mean, number of shards), refusing a corpus that mixes encoders."""
+def text_statistics(embeddings: pl.LazyFrame | pl.DataFrame, batch_rows: int = BATCH_ROWS,
+                    exclude: pl.Series | None = None) -> tuple[EmbeddingSummary, int]:
+    """(summary with the streamed mean, number of shards), refusing a corpus that mixes encoders.
+    `exclude`: caption ids left out (the exports' duplicate captions, so mu_text is the mean over
+    what is exported, each text once)."""
+    if exclude is not None and len(exclude):
+        embeddings = embeddings.lazy().filter(~pl.col("caption_id").is_in(exclude.implode()))
     summary = summarise(embeddings, tag="model_id", batch_rows=batch_rows)
     if summary.count == 0:
         raise ValueError("caption_embeddings holds no rows: materialise it for at least one shard")
@@ -250,17 +310,22 @@ def statistics_valid(frame: pl.DataFrame) -> Outcome:
 
 
 def shifted_mean(weighted: EmbeddingSummary, stats: ModalityStatistics, tolerance: float) -> Outcome:
-    """`weighted` sums v * shift_norm = u - mu_text + mu_image, so its mean must be mu_image (or 0)."""
+    """`weighted` sums v * shift_norm = u - offset, so its mean must be the method's target:
+    0 (mean_shift) or mu_image (mean_shift_to_image_mean)."""
     error = float(np.linalg.norm(weighted.mean - stats.target))
-    aim = "mu_image" if stats.mu_image is not None else "0"
+    aim = "mu_image" if stats.method == "mean_shift_to_image_mean" else "0"
     return Outcome(error <= tolerance, f"mean of the shifted text embeddings is {error:.2e} from "
                    f"{aim} (tolerance {tolerance})", {"distance": error, "target": aim})
 
 
 def single_version(summary: EmbeddingSummary, stats: ModalityStatistics) -> Outcome:
-    ok = summary.tags == {stats.version} and summary.count == stats.count
+    """Every row was shifted with `stats`, and the rows are the captions it covers plus the
+    duplicates it left out of the mean (they are shifted too, but not exported)."""
+    covered = stats.count + stats.duplicates
+    ok = summary.tags == {stats.version} and summary.count == covered
     return Outcome(ok, f"{summary.count} rows shifted with statistics {sorted(summary.tags)}; current "
-                   f"statistics {stats.version} cover {stats.count} captions",
+                   f"statistics {stats.version} cover {covered} captions ({stats.count} in the "
+                   f"mean, {stats.duplicates} duplicates)",
                    {"versions": sorted(summary.tags), "current": stats.version,
                     "rows": summary.count, "statistics_count": stats.count})
 

@@ -363,3 +363,24 @@ def test_the_commented_llm2clip_block_of_the_gpu_profiles_loads(name, tmp_path, 
     clip = build_definitions().resources["clip"]
     assert isinstance(clip, Llm2ClipResource) and clip.max_length == 512
     assert build_definitions(name).resources["clip"].long_text == "chunk_mean"
+
+
+def test_the_gpu_profile_states_the_transfer_and_export_formats(offline):
+    """The paper's transfer and the trainer formats are in the gpu profile's corpus-job config."""
+    job = build_definitions("gpu").resolve_job_def("unicorn_corpus_job")
+    ops = dg.validate_run_config(job, {})["ops"]
+    assert ops["modality_statistics"]["config"]["transfer"] == {"method": "mean_shift"}
+    for op in ("pretrain_dataset", "instruct_dataset"):
+        assert ops[op]["config"]["formats"] == ["llava", "unicorn"]
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("{modality_statistics: {config: {transfer: {method: mean_shift_to_zero}}}}",
+     r"run_config\.unicorn_corpus_job: .*transfer:method"),
+    ("{pretrain_dataset: {config: {formats: [llava, pickle]}}}",
+     r"run_config\.unicorn_corpus_job: .*formats\[1\]"),
+])
+def test_an_unknown_transfer_method_or_export_format_is_refused(tmp_path, offline, monkeypatch,
+                                                                text, error):
+    with pytest.raises(ProfileError, match=error):
+        _load_file(tmp_path, monkeypatch, f"run_config: {{unicorn_corpus_job: {{ops: {text}}}}}")

@@ -52,10 +52,11 @@ def corpus(tmp_path: Path) -> tuple[pl.LazyFrame, np.ndarray]:
     return pl.scan_parquet(sorted(tmp_path.glob("s*.parquet"))), np.concatenate(parts)
 
 
-def stats_of(summary: modality.EmbeddingSummary, mu_image=None) -> ModalityStatistics:
+def stats_of(summary: modality.EmbeddingSummary, mu_image=None,
+             method: str = "mean_shift") -> ModalityStatistics:
     return ModalityStatistics("m", False, summary.count, summary.dim, summary.mean, shards=3,
                               image_count=0 if mu_image is None else 4, mu_image=mu_image,
-                              image_source=None if mu_image is None else "imgs")
+                              image_source=None if mu_image is None else "imgs", method=method)
 
 
 def test_embeddings_frame_has_fixed_size_float32_arrays():
@@ -93,7 +94,20 @@ def test_statistics_version_follows_content():
     assert again.version == stats.version and np.array_equal(again.mu_text, stats.mu_text)
     grown = modality.summarise(shard_frame("a", unit_rows(6, 0)))
     assert stats_of(grown).version != stats.version
-    assert stats_of(summary, mu_image=np.ones(DIM) / 3).version != stats.version
+    with_image = stats_of(summary, mu_image=np.ones(DIM) / 3)
+    assert with_image.version != stats.version
+    # the method is part of the version: changing it marks every shifted row stale
+    additive = stats_of(summary, mu_image=np.ones(DIM) / 3, method="mean_shift_to_image_mean")
+    assert additive.version != with_image.version
+    assert ModalityStatistics.from_frame(additive.to_frame()).method == "mean_shift_to_image_mean"
+    with pytest.raises(ValueError, match="needs an image mean: set modality_statistics' "
+                       "reference_images"):
+        stats_of(summary, method="mean_shift_to_image_mean")
+    with pytest.raises(ValueError, match="unknown transfer method"):
+        stats_of(summary, method="shift")
+    legacy = stats.to_frame().drop("method")
+    with pytest.raises(ValueError, match="re-materialise modality_statistics"):
+        ModalityStatistics.from_frame(legacy)
     tampered = stats.to_frame().with_columns(pl.lit(99, dtype=pl.Int64).alias("count"))
     with pytest.raises(ValueError, match="does not match its content"):
         ModalityStatistics.from_frame(tampered)
@@ -110,14 +124,18 @@ def test_statistics_valid_rule():
     assert not modality.statistics_valid(edited).passed
 
 
-@pytest.mark.parametrize("with_image", [False, True])
-def test_transfer_matches_the_formula(corpus, with_image):
+@pytest.mark.parametrize(("method", "with_image"), [("mean_shift", False), ("mean_shift", True),
+                                                    ("mean_shift_to_image_mean", True)])
+def test_transfer_matches_the_formula(corpus, method, with_image):
+    """The paper's mean_shift gives l2norm(u - mu_text) even when an image mean is known (it is
+    shipped for inference, not added); only the named variant adds it."""
     lazy, vectors = corpus
     summary, _ = modality.text_statistics(lazy)
     mu_image = unit_rows(1, 9)[0].astype(np.float64) if with_image else None
-    stats = stats_of(summary, mu_image)
+    stats = stats_of(summary, mu_image, method)
     out = modality.transfer(lazy, stats).collect()
-    expected = vectors - summary.mean + (mu_image if with_image else 0)
+    added = mu_image if method == "mean_shift_to_image_mean" else 0
+    expected = vectors - summary.mean + added
     norms = np.linalg.norm(expected, axis=1)
     np.testing.assert_allclose(out["embedding"].to_numpy(), expected / norms[:, None], atol=1e-5)
     np.testing.assert_allclose(out["shift_norm"].to_numpy(), norms, rtol=1e-5)
@@ -126,6 +144,42 @@ def test_transfer_matches_the_formula(corpus, with_image):
     assert modality.shifted_mean(shifted, stats, 1e-5).passed
     assert modality.norms_in_range(shifted, 1 - 1e-4, 1 + 1e-4).passed
     assert modality.single_version(shifted, stats).passed
+
+
+def test_text_mean_counts_each_exported_caption_once(corpus):
+    """Captions left out of the exports as duplicates are left out of mu_text too, and the
+    version check counts them among the shifted rows."""
+    lazy, vectors = corpus
+    ids = lazy.select("caption_id").collect()["caption_id"]
+    dropped = ids.slice(2, 4)
+    summary, shards = modality.text_statistics(lazy, exclude=dropped)
+    keep = ~ids.is_in(dropped.implode()).to_numpy()
+    assert summary.count == len(vectors) - 4 and shards == 3
+    np.testing.assert_allclose(summary.mean, vectors[keep].astype(np.float64).mean(axis=0),
+                               atol=1e-12)
+    assert not np.allclose(summary.mean, vectors.mean(axis=0), atol=1e-6)
+    stats = ModalityStatistics("m", False, summary.count, DIM, summary.mean, shards=3,
+                               duplicates=len(dropped))
+    shifted = modality.transfer(lazy, stats).collect()
+    assert modality.single_version(modality.summarise(shifted, tag="statistics_version"),
+                                   stats).passed
+    kept = shifted.filter(~pl.col("caption_id").is_in(dropped.implode()))
+    assert modality.shifted_mean(modality.summarise(kept, weight="shift_norm"), stats, 1e-5).passed
+    no_dupes = ModalityStatistics("m", False, summary.count, DIM, summary.mean, shards=3)
+    assert not modality.single_version(modality.summarise(shifted, tag="statistics_version"),
+                                       no_dupes).passed
+
+
+def test_inference_transform_names_the_image_mean(corpus):
+    lazy, _ = corpus
+    summary, _ = modality.text_statistics(lazy)
+    plain = stats_of(summary).inference_transform()
+    assert plain["formula"] == "e' = (e - mu_image) / ||e - mu_image||"
+    assert "your own images" in plain["mu_image"] and "not shipped" in plain["mu_image"]
+    shipped = stats_of(summary, np.ones(DIM) / 3).inference_transform()
+    assert shipped["mu_image"].startswith("shipped")
+    additive = stats_of(summary, np.ones(DIM) / 3, "mean_shift_to_image_mean")
+    assert additive.inference_transform()["formula"].startswith("e' = e ")
 
 
 def test_shifted_mean_fails_when_shards_used_different_means(corpus):
@@ -212,6 +266,24 @@ def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_di
     meta = corpus.asset_materializations_for_node("modality_statistics")[0].metadata
     assert meta["transfer"].value["image_count"] == images
     assert "untrained" in meta["model_note"].value
+    # the paper's transfer by default: mu_image is computed and shipped, not added
+    assert stats.method == "mean_shift" and meta["transfer"].value["method"] == "mean_shift"
+    assert meta["inference_transform"].value["mu_image"].startswith("shipped")
+    shifted = pl.read_parquet(tmp_path / "data" / "transferred_embeddings.parquet")
+    raw = pl.read_parquet(tmp_path / "data" / "caption_embeddings" / "*.parquet")
+    u = dict(zip(raw["caption_id"], raw["embedding"].to_numpy()))
+    first = shifted.row(0, named=True)
+    expected = u[first["caption_id"]] - stats.mu_text
+    np.testing.assert_allclose(first["embedding"], expected / np.linalg.norm(expected), atol=1e-5)
+    # the additive variant without an image set is refused, naming the setting
+    refused = dg.materialize(
+        [*STAGE3, modality_statistics, transferred_embeddings, *stage3_checks],
+        selection=[modality_statistics], instance=instance, resources=resources,
+        raise_on_error=False, run_config={"ops": {"modality_statistics": {"config": {
+            "transfer": {"method": "mean_shift_to_image_mean"}}}}})
+    assert not refused.success
+    error = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "reference_images" in error.step_failure_data.error.cause.message
 
 
 class BrokenClip(OpenClipResource):
