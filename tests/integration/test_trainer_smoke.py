@@ -73,9 +73,6 @@ def gpt_turn(record: dict) -> str:
     return text
 
 
-LOAD_PAIRS = trainer_pairs  # the lead switches this to unicorn_trainer_pairs with that format
-
-
 # --- the pipeline ---------------------------------------------------------------------------
 
 def pretrain_export(tmp_path: Path, instance: dg.DagsterInstance) -> tuple[Path, int]:
@@ -94,8 +91,9 @@ def pretrain_export(tmp_path: Path, instance: dg.DagsterInstance) -> tuple[Path,
     shard = defs.resolve_job_def("unicorn_shard_job").execute_in_process(
         instance=instance, partition_key="shard-a", run_config=stage1, raise_on_error=False)
     assert shard.success and not failed_checks(shard), failed_checks(shard)
+    trainer_format = {"ops": {"pretrain_dataset": {"config": {"formats": ["llava", "unicorn"]}}}}
     corpus = defs.resolve_job_def("unicorn_corpus_job").execute_in_process(
-        instance=instance, raise_on_error=False)
+        instance=instance, run_config=trainer_format, raise_on_error=False)
     assert corpus.success and not failed_checks(corpus), failed_checks(corpus)
     kept = pl.read_parquet(data / "expanded_captions" / "*.parquet")["caption"].n_unique()
     return data / "exports" / "unicorn_pretrain", kept
@@ -169,7 +167,11 @@ def train(batches: Batches, train_rows: torch.Tensor, vector_rows: torch.Tensor,
 def test_a_trainer_learns_captions_from_the_export_and_less_from_shuffled_pairs(
         tmp_path: Path, instance: dg.DagsterInstance):
     folder, kept = pretrain_export(tmp_path, instance)
-    pairs = LOAD_PAIRS(folder)
+    pairs = unicorn_trainer_pairs(folder)  # as the reference trainer reads it
+    # the LLaVA layout of the same export pairs each caption with the same vector
+    llava = {caption: vector for caption, vector in trainer_pairs(folder)}
+    assert llava.keys() == {caption for caption, _ in pairs}
+    assert all(np.array_equal(llava[caption], vector) for caption, vector in pairs)
     assert len(pairs) == kept > 100  # every caption Stage 1 kept reaches the trainer, once
     assert len({caption for caption, _ in pairs}) == len(pairs)
 
