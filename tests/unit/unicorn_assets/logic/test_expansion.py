@@ -28,6 +28,7 @@ from unicorn_assets.logic.expansion import (
     plan_expansions,
     reject_counts,
 )
+from unicorn_assets.logic.faithfulness import with_judgements
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
 
@@ -145,6 +146,14 @@ CASES = {
     "echoes_seed": (SEED + " He is there.", "stop"),
     "duplicate": (GOOD.upper().replace(";", ","), "stop"),
     "near_duplicate": (GOOD.replace("shoulders", "back"), "stop"),
+    # seed faithfulness (logic/faithfulness.py; its own tests cover each signal)
+    "low_seed_coverage": (OTHER, "stop"),
+    "count_conflict": (("Two men stand before a weathered red brick wall, wearing tailored "
+                        "charcoal suits, crisp white shirts and narrow navy ties; soft daylight "
+                        "falls from the left across the mortar lines."), "stop"),
+    "colour_conflict": (GOOD.replace("navy tie", "orange tie"), "stop"),
+    "object_conflict": (GOOD.replace("tall man", "tall woman").replace("his", "her"), "stop"),
+    "judge_contradiction": (GOOD.replace("soft daylight", "pale daylight"), "stop"),
 }
 
 
@@ -153,7 +162,9 @@ def captions_frame(cases: dict[str, tuple[str, str]]) -> pl.DataFrame:
                           "caption": [SEED] * len(cases)})
     plan = plan_expansions(seeds, PROMPTS, STYLES, 1, 1)
     completions = [Completion(text, 40, 60, finish) for text, finish in cases.values()]
-    return assemble_captions(plan, completions, "m", PROMPTS, SamplingParams().as_dict())
+    frame = assemble_captions(plan, completions, "m", PROMPTS, SamplingParams().as_dict())
+    return with_judgements(frame, [True if case == "judge_contradiction" else None
+                                   for case in frame["seed_id"]])  # as the judge would answer
 
 
 def test_each_filter_rejects_with_its_reason_and_nothing_vanishes():
