@@ -102,10 +102,10 @@ def test_real_coco_captions_against_themselves_pass_and_against_others_mostly_fa
 
 def test_filter_columns_and_reasons_in_stage1_frame():
     seeds = [DOGS, BUS]
-    captions = ["Three dogs chase a yellow frisbee across the park in the afternoon sun, "
-                "their paws kicking up grass while a child watches from a bench nearby.",
-                "A red bus drives down a city street lined with tall glass buildings, its windows "
-                "reflecting the late afternoon light as pedestrians wait at the corner."]
+    captions = [("Three dogs chase a yellow frisbee across the park in the afternoon sun, "
+                "their paws kicking up grass while a child watches from a bench nearby."),
+                ("A red bus drives down a city street lined with tall glass buildings, its windows "
+                "reflecting the late afternoon light as pedestrians wait at the corner.")]
     frame = pl.DataFrame({"seed_caption": seeds, "caption": captions}).with_columns(
         f.score_columns(pl.Series(seeds), pl.Series(captions)))
     assert frame["count_conflicts"].to_list() == [1, 0]
