@@ -23,7 +23,7 @@ from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_resources.llm import ChatRequest, LlamaCppLLM
 from unicorn_resources.quality_gates import QualityGates
 
-FULL = {"seeds": 80, "offset": 2000}
+FULL = {"seeds": 60, "offset": 2000}
 SMOKE = {"seeds": 4, "offset": 2000, "max_tokens": 8}
 BENCH = "9. Seed-faithfulness filter"
 CACHE = WORK / "faithfulness_llm_cache.sqlite"  # git-ignored; a rerun generates nothing

@@ -33,7 +33,7 @@ from unicorn_assets.logic.text import words
 from unicorn_resources.llm import LlamaCppLLM, SamplingParams
 from unicorn_resources.quality_gates import QualityGates
 
-FULL = {"seeds": 40, "offset": 2000, "speed_prompts": 3, "speed_tokens": 64, "runs": 3}
+FULL = {"seeds": 30, "offset": 2000, "speed_prompts": 2, "speed_tokens": 48, "runs": 3}
 SMOKE = {"seeds": 2, "offset": 2000, "max_tokens": 8, "speed_prompts": 1, "speed_tokens": 4,
          "runs": 1}
 BENCH = "10. Offline model choice"
