@@ -19,7 +19,7 @@ class QualityGates(dg.ConfigurableResource):
     # Stage 1 seed faithfulness (filters, each with its reject reason; ours, chosen on the
     # benchmark in BENCHMARKS.md): a caption must repeat this share of its seed's content lemmas,
     # and may restate at most this many seed counts, colours and objects differently
-    caption_min_seed_coverage: float = Field(0.2, ge=0, le=1)
+    caption_min_seed_coverage: float = Field(0.3, ge=0, le=1)
     caption_max_count_conflicts: int = Field(0, ge=0, le=1000)
     caption_max_colour_conflicts: int = Field(0, ge=0, le=1000)
     caption_max_object_conflicts: int = Field(0, ge=0, le=1000)

@@ -210,7 +210,7 @@ class FaithfulnessRules:
     """Reject thresholds (quality_gates carries them; these defaults are ours, chosen on the
     benchmark in BENCHMARKS.md)."""
 
-    min_seed_coverage: float = 0.2
+    min_seed_coverage: float = 0.3
     max_count_conflicts: int = 0
     max_colour_conflicts: int = 0
     max_object_conflicts: int = 0

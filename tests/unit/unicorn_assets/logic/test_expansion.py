@@ -28,7 +28,7 @@ from unicorn_assets.logic.expansion import (
     plan_expansions,
     reject_counts,
 )
-from unicorn_assets.logic.faithfulness import with_judgements
+from unicorn_assets.logic.faithfulness import FaithfulnessRules, with_judgements
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
 
@@ -212,7 +212,8 @@ def test_boilerplate_patterns_do_not_flag_plain_descriptions():
 
 def test_filter_thresholds_are_configuration():
     frame = captions_frame({"kept": CASES["kept"], "short": CASES["too_short"]})
-    kept, _ = filter_captions(frame, CaptionFilters(min_words=3, min_new_words=0))
+    kept, _ = filter_captions(frame, CaptionFilters(  # the short one repeats 2 of 11 seed words
+        min_words=3, min_new_words=0, faithfulness=FaithfulnessRules(min_seed_coverage=0.1)))
     assert kept.height == 2
     kept, rejected = filter_captions(frame, CaptionFilters(max_words=10))
     assert rejected["reason"].to_list() == ["too_long", "too_short"]
