@@ -2,6 +2,7 @@
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import dagster as dg
 import polars as pl
@@ -17,7 +18,7 @@ from unicorn_assets.checks import (
     reject_rate_check,
     standard_checks,
 )
-from unicorn_assets.logic import pairing, quality
+from unicorn_assets.logic import faithfulness, pairing, quality
 from unicorn_assets.logic.expansion import (
     CAPTION_REJECT_SCHEMA,
     CAPTION_SCHEMA,
@@ -67,6 +68,9 @@ class ExpansionConfig(dg.Config):
     max_repeated_trigram_ratio: float = 0.3
     min_new_words: int = 5
     near_duplicate_threshold: float = 0.85
+    # Ours: ask the LLM whether each caption contradicts its seed (one short JSON-constrained
+    # request per caption) and reject those it says do. Off: the deterministic signals only.
+    faithfulness_judge: bool = False
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
@@ -78,6 +82,34 @@ class ExpansionConfig(dg.Config):
             max_repeated_trigram_ratio=self.max_repeated_trigram_ratio,
             min_new_words=self.min_new_words, near_duplicate_threshold=self.near_duplicate_threshold,
         )
+
+
+def faithfulness_rules(gates: QualityGates) -> faithfulness.FaithfulnessRules:
+    """The seed-faithfulness reject thresholds, from quality_gates."""
+    return faithfulness.FaithfulnessRules(
+        min_seed_coverage=gates.caption_min_seed_coverage,
+        max_count_conflicts=gates.caption_max_count_conflicts,
+        max_colour_conflicts=gates.caption_max_colour_conflicts,
+        max_object_conflicts=gates.caption_max_object_conflicts)
+
+
+JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=16, repeat_penalty=1.0)
+
+
+def judge_faithfulness(llm: LLMResource, captions: pl.DataFrame) -> pl.DataFrame:
+    """The optional LLM judge: "does this caption contradict its seed?", JSON-constrained where the
+    backend supports a schema (any other backend's answer is read for a bare yes or no). Empty
+    captions are not asked; an unreadable answer leaves judge_contradicts null (not a reject)."""
+    schema = faithfulness.JUDGE_SCHEMA if llm.supports_json_schema else None
+    asked = [i for i, text in enumerate(captions["caption"]) if text]
+    requests = [ChatRequest.of(faithfulness.judge_messages(captions["seed_caption"][i],
+                                                           captions["caption"][i]),
+                               seed=0, json_schema=schema) for i in asked]
+    answers = llm.generate(requests, JUDGE_PARAMS) if requests else []
+    verdicts: list[bool | None] = [None] * captions.height
+    for i, answer in zip(asked, answers):
+        verdicts[i] = faithfulness.parse_judge(answer.text)
+    return faithfulness.with_judgements(captions, verdicts)
 
 
 def llm_metadata(llm: LLMResource, completions: list, seconds: float) -> dict:
@@ -124,6 +156,13 @@ CAPTION_COLUMNS = {
     "finish_reason": "why generation stopped: stop, or length (hit max_tokens; the caption was "
                      "trimmed to its last sentence)",
     "n_words": "words in the caption",
+    "seed_coverage": "share of the seed's content lemmas the caption repeats (0-1)",
+    "count_conflicts": "seed counts the caption restates differently (two dogs -> three dogs)",
+    "colour_conflicts": "seed colours of a noun the caption replaces with another colour family",
+    "object_conflicts": "seed objects replaced by another of their class (zebra -> giraffe, "
+                        "tennis court -> dunes) or given impossible parts (a zebra's antlers)",
+    "judge_contradicts": "the LLM judge's answer to 'does it contradict the seed?' (null: the "
+                         "judge is off, or its answer could not be read)",
 }
 
 def length_finish_outcome(frames, gates: QualityGates) -> quality.Outcome:
@@ -202,9 +241,12 @@ def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
     seconds = time.perf_counter() - started
 
     captions = assemble_captions(plan, completions, llm.model_id, prompts, params.as_dict())
+    if config.faithfulness_judge:
+        captions = judge_faithfulness(llm, captions)
     kept, rejected = {}, {}
     for key, shard_captions in split_by_shard(captions, context.partition_keys).items():
-        kept[key], rejected[key] = filter_captions(shard_captions, config.filters())
+        kept[key], rejected[key] = filter_captions(shard_captions, replace(
+            config.filters(), faithfulness=faithfulness_rules(quality_gates)))
         context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
                          f"rejected {reject_counts(rejected[key])}")
     add_shard_metadata(context, "expanded_captions", lambda key: frame_metadata(

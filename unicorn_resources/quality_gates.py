@@ -18,6 +18,13 @@ class QualityGates(dg.ConfigurableResource):
     near_duplicate_threshold: float = Field(0.85, ge=0, le=1)
     # Stage 1: share of expansions that hit max_tokens (finish_reason "length"); non-blocking
     caption_max_length_finish_rate: float = Field(0.05, ge=0, le=1)
+    # Stage 1 seed faithfulness (filters, each with its reject reason; ours, chosen on the
+    # benchmark in BENCHMARKS.md): a caption must repeat this share of its seed's content lemmas,
+    # and may restate at most this many seed counts, colours and objects differently
+    caption_min_seed_coverage: float = Field(0.3, ge=0, le=1)
+    caption_max_count_conflicts: int = Field(0, ge=0, le=1000)
+    caption_max_colour_conflicts: int = Field(0, ge=0, le=1000)
+    caption_max_object_conflicts: int = Field(0, ge=0, le=1000)
     # Stage 2 instructions
     instruction_max_reject_rate: float = Field(0.9, ge=0, le=1)
     # share of attempts that gave schema-valid JSON

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 
+from unicorn_assets.logic import faithfulness
 from unicorn_assets.logic.dedup import exact_duplicate_mask, near_duplicate_mask
 from unicorn_assets.logic.prompts import PromptSet, load_lines
 from unicorn_assets.logic.text import (
@@ -39,11 +40,13 @@ CAPTION_SCHEMA = pl.Schema(
         "completion_tokens": pl.Int32,
         "finish_reason": pl.String,
         "n_words": pl.Int32,
+        # seed faithfulness (logic/faithfulness.py); judge_contradicts is null unless the judge ran
+        **faithfulness.COLUMN_SCHEMA,
     }
 )
 CAPTION_REJECT_SCHEMA = pl.Schema({**CAPTION_SCHEMA, "reason": pl.String})
 REJECT_REASONS = ("empty", "truncated", "too_short", "too_long", "boilerplate", "repetition",
-                  "echoes_seed", "duplicate", "near_duplicate")
+                  "echoes_seed", "duplicate", "near_duplicate", *faithfulness.REASONS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class CaptionFilters:
     near_duplicate_threshold: float = 0.85
     num_perm: int = 128
     boilerplate_patterns: str = "filters/boilerplate_v1.txt"
+    faithfulness: faithfulness.FaithfulnessRules = field(
+        default_factory=faithfulness.FaithfulnessRules)
 
 
 MAIN_SUBJECT = "main_subject"  # the `style` of an expansion made with the prompt alone (no focus)
@@ -126,6 +131,7 @@ def assemble_captions(plan: pl.DataFrame, completions: Sequence, model_id: str,
         pl.Series("completion_tokens", [c.completion_tokens for c in completions], dtype=pl.Int32),
         pl.Series("finish_reason", [c.finish_reason for c in completions], dtype=pl.String),
     ).with_columns(word_count_expr("caption").cast(pl.Int32).alias("n_words"))
+    frame = frame.with_columns(faithfulness.score_columns(plan["seed_caption"], texts))
     return frame.select(CAPTION_SCHEMA.names())
 
 
@@ -146,6 +152,7 @@ def filter_captions(captions: pl.DataFrame, rules: CaptionFilters) -> tuple[pl.D
         pl.Series("_rep", [repeated_trigram_ratio(t) for t in captions["caption"]], dtype=pl.Float64),
         pl.Series("_new", [new_word_count(c, s) for c, s in
                            zip(captions["caption"], captions["seed_caption"])], dtype=pl.Int64),
+        faithfulness.reason_column(captions, rules.faithfulness, "_faithfulness"),
     ).with_columns(
         pl.when(pl.col("caption").str.len_chars() == 0)
         .then(pl.when(pl.col("finish_reason") == "length").then(pl.lit("truncated"))
@@ -155,9 +162,10 @@ def filter_captions(captions: pl.DataFrame, rules: CaptionFilters) -> tuple[pl.D
         .when(pl.col("caption").str.contains(boilerplate)).then(pl.lit("boilerplate"))
         .when(pl.col("_rep") > rules.max_repeated_trigram_ratio).then(pl.lit("repetition"))
         .when(pl.col("_new") < rules.min_new_words).then(pl.lit("echoes_seed"))
+        .when(pl.col("_faithfulness").is_not_null()).then(pl.col("_faithfulness"))
         .otherwise(pl.lit(None, dtype=pl.String))
         .alias("reason")
-    ).drop("_rep", "_new")
+    ).drop("_rep", "_new", "_faithfulness")
 
     survivors = checked.filter(pl.col("reason").is_null())
     exact = exact_duplicate_mask(survivors["caption"]).to_list()

@@ -35,6 +35,9 @@ class LlamaCppLLM(LLMResource):
     n_ctx: int = Field(2048, ge=256, le=131072)
     n_threads: int | None = Field(None, ge=1, le=1024)  # None: all cores
     n_batch: int = Field(512, ge=1, le=131072)
+    # llama-cpp-python's chat format (e.g. "gemma") for a GGUF file without a chat template, which
+    # would otherwise be prompted in the llama-2 format; None: the file's own template
+    chat_format: str | None = Field(None, min_length=1, max_length=64)
 
     _llm: Any = PrivateAttr(default=None)
 
@@ -44,7 +47,8 @@ class LlamaCppLLM(LLMResource):
 
     @property
     def model_id(self) -> str:
-        return f"llama_cpp:{Path(self.resolved_path).name}"
+        name = f"llama_cpp:{Path(self.resolved_path).name}"
+        return f"{name}:{self.chat_format}" if self.chat_format else name
 
     @property
     def supports_json_schema(self) -> bool:
@@ -61,7 +65,8 @@ class LlamaCppLLM(LLMResource):
             from llama_cpp import Llama
 
             self._llm = Llama(model_path=self.resolved_path, n_ctx=self.n_ctx,
-                              n_threads=self.n_threads, n_batch=self.n_batch, verbose=False)
+                              n_threads=self.n_threads, n_batch=self.n_batch,
+                              chat_format=self.chat_format, verbose=False)
         return self._llm
 
     def _generate(self, requests: Sequence[ChatRequest], params: SamplingParams

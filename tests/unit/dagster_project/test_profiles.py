@@ -141,7 +141,8 @@ def _load_file(tmp_path, monkeypatch, text: str) -> dg.Definitions:
 MISSPELT = [
     ("llm: {backnd: fake}",
      (r"my\.yaml: llm\.backnd is not a setting; did you mean llm\.backend\? \(valid: backend, "
-      r"cache_enabled, cache_journal_mode, cache_path, model_path, n_batch, n_ctx, n_threads\)$")),
+      r"cache_enabled, cache_journal_mode, cache_path, chat_format, model_path, n_batch, n_ctx, "
+      r"n_threads\)$")),
     ("qualty_gates: {caption_max_reject_rate: 0.3}",
      (r"my\.yaml: qualty_gates is not a setting; did you mean quality_gates\? \(valid: automation, "
       r"clip, .*stage2, storage, synthvlm\)$")),

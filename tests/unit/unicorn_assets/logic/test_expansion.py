@@ -29,6 +29,7 @@ from unicorn_assets.logic.expansion import (
     plan_expansions,
     reject_counts,
 )
+from unicorn_assets.logic.faithfulness import FaithfulnessRules, with_judgements
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
 
@@ -179,6 +180,14 @@ CASES = {
     "echoes_seed": (SEED + " He is there.", "stop"),
     "duplicate": (GOOD.upper().replace(";", ","), "stop"),
     "near_duplicate": (GOOD.replace("shoulders", "back"), "stop"),
+    # seed faithfulness (logic/faithfulness.py; its own tests cover each signal)
+    "low_seed_coverage": (OTHER, "stop"),
+    "count_conflict": (("Two men stand before a weathered red brick wall, wearing tailored "
+                        "charcoal suits, crisp white shirts and narrow navy ties; soft daylight "
+                        "falls from the left across the mortar lines."), "stop"),
+    "colour_conflict": (GOOD.replace("navy tie", "orange tie"), "stop"),
+    "object_conflict": (GOOD.replace("tall man", "tall woman").replace("his", "her"), "stop"),
+    "judge_contradiction": (GOOD.replace("soft daylight", "pale daylight"), "stop"),
 }
 
 
@@ -187,7 +196,9 @@ def captions_frame(cases: dict[str, tuple[str, str]]) -> pl.DataFrame:
                           "caption": [SEED] * len(cases)})
     plan = plan_expansions(seeds, PROMPTS, STYLES, 1, 1)
     completions = [Completion(text, 40, 60, finish) for text, finish in cases.values()]
-    return assemble_captions(plan, completions, "m", PROMPTS, SamplingParams().as_dict())
+    frame = assemble_captions(plan, completions, "m", PROMPTS, SamplingParams().as_dict())
+    return with_judgements(frame, [True if case == "judge_contradiction" else None
+                                   for case in frame["seed_id"]])  # as the judge would answer
 
 
 def test_each_filter_rejects_with_its_reason_and_nothing_vanishes():
@@ -235,7 +246,8 @@ def test_boilerplate_patterns_do_not_flag_plain_descriptions():
 
 def test_filter_thresholds_are_configuration():
     frame = captions_frame({"kept": CASES["kept"], "short": CASES["too_short"]})
-    kept, _ = filter_captions(frame, CaptionFilters(min_words=3, min_new_words=0))
+    kept, _ = filter_captions(frame, CaptionFilters(  # the short one repeats 2 of 11 seed words
+        min_words=3, min_new_words=0, faithfulness=FaithfulnessRules(min_seed_coverage=0.1)))
     assert kept.height == 2
     kept, rejected = filter_captions(frame, CaptionFilters(max_words=10))
     assert rejected["reason"].to_list() == ["too_long", "too_short"]

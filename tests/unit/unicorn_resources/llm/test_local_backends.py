@@ -81,6 +81,18 @@ def test_llama_cpp_answers_repeats_from_the_cache(tmp_path):
     llm.teardown_after_execution(None)
 
 
+def test_llama_cpp_chat_format_overrides_the_files_template(llama):
+    """A GGUF file without a chat template (Gemma 3 270M's) needs a chat format named: it is
+    passed to llama.cpp, changes the prompt the model sees, and is part of the model id (and so of
+    the response cache key)."""
+    other = LlamaCppLLM(cache_enabled=False, n_ctx=512, n_threads=2, chat_format="llama-2")
+    assert other.model_id == llama.model_id + ":llama-2"
+    params = SamplingParams(max_tokens=1)
+    own = llama.generate([HELLO], params)[0].prompt_tokens
+    assert other.generate([HELLO], params)[0].prompt_tokens != own
+    other.teardown_after_execution(None)
+
+
 def test_transformers_batches_with_left_padding(tmp_path):
     """Greedy decoding: a short prompt padded on the left beside a long one gives the same tokens
     as the short prompt alone."""
