@@ -4,8 +4,6 @@ seeds to read (logic/report.py). Each figure is also a number in the materialisa
 so the UI plots it across runs. The figures table is the asset's value (quality_report.parquet);
 the page is also written to `<storage>/reports/quality_report.md`."""
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 
 import dagster as dg
@@ -14,7 +12,7 @@ from pydantic import Field
 
 from unicorn_assets.logic import figures as stage_figures
 from unicorn_assets.logic import report
-from unicorn_assets.metadata import KINDS, OWNERS, stage_tags
+from unicorn_assets.metadata import OWNERS, stage_tags
 from unicorn_assets.modality import CORPUS_GROUP
 from unicorn_resources.storage import ParquetIOManager, join, write_bytes
 

@@ -50,7 +50,9 @@ PAPER: dict[str, PaperValue] = {
 
 STAGES = {"caption": "Stage 1: captions", "instruction": "Stage 2: instructions"}
 # The figures of figures.py that need the texts, so come from the sample (the rest are exact).
-SAMPLED = ("distinct_", "type_token_ratio", "seed_coverage", "mc_letter_valid_share")
+SAMPLED = ("distinct_", "type_token_ratio", "seed_coverage", "mc_letter_valid_share",
+           "mc_rationale")
+TURNS_SHOWN = 4  # of each record on the page (the rest are in the instructions table)
 # Counts by reason or task type: exact; one the corpus never met is 0 over every row.
 COUNTED = ("rejects_", "share_")
 
@@ -247,7 +249,10 @@ def report_markdown(figures: list[Figure], records: pl.DataFrame, shards: int,
                   f"seed `{row['seed_id']}`)"), "",
                   f"- **seed:** {_cell(row['seed'] or '(seed not found)')}",
                   f"- **caption:** {_cell(row['caption'] or '(caption not found)')}", ""]
-        lines += [f"> **{turn['from']}:** {_cell(turn['value'])}  " for turn in row["conversations"]]
+        turns = row["conversations"]
+        lines += [f"> **{turn['from']}:** {_cell(turn['value'])}  " for turn in turns[:TURNS_SHOWN]]
+        if len(turns) > TURNS_SHOWN:
+            lines.append(f"> … {len(turns) - TURNS_SHOWN} more turns")
         lines.append("")
     return "\n".join(lines)
 
