@@ -22,9 +22,11 @@ from unicorn_assets.expansion import expand_captions
 from unicorn_assets.exports import export_asset_checks, export_assets
 from unicorn_assets.instructions import make_instructions
 from unicorn_assets.modality import stage3_assets, stage3_checks
+from unicorn_assets.quality_report import report_assets
 from unicorn_assets.synthvlm import synthvlm_assets, synthvlm_checks
 
-ASSETS = [read_caption_seeds, expand_captions, make_instructions, *stage3_assets, *export_assets]
+ASSETS = [read_caption_seeds, expand_captions, make_instructions, *stage3_assets, *export_assets,
+          *report_assets]
 # Most checks run inside their assets (check_specs); these read stored outputs back as their own
 # steps: the streamed shifted embeddings, the export folders and the pairing across assets.
 ASSET_CHECKS = [*stage3_checks, *export_asset_checks]

@@ -26,7 +26,7 @@ KINDS = {"polars", "parquet"}
 
 def stage_tags(stage: str) -> dict[str, str]:
     """The tags of an asset of pipeline stage `stage` ("seeds", "1", "2", "3", "export",
-    "synthvlm"), to filter the catalog by stage."""
+    "report", "synthvlm"), to filter the catalog by stage."""
     return {"stage": stage}
 
 

@@ -31,7 +31,7 @@ MAIN_TABLES = {
 def test_every_asset_has_owners_tags_kinds_and_a_code_version(name):
     spec = SPECS[name]
     assert spec.owners == ["team:vlm-data"]
-    assert spec.tags.get("stage") in {"seeds", "1", "2", "3", "export", "synthvlm"}
+    assert spec.tags.get("stage") in {"seeds", "1", "2", "3", "export", "report", "synthvlm"}
     assert spec.kinds  # e.g. {"polars", "parquet"}
     assert spec.code_version
 
