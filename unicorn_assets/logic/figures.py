@@ -152,11 +152,6 @@ def instruction_figures(records: pl.DataFrame, rejects: pl.DataFrame) -> Figures
     validity, attempts = instructions.json_validity(records, rejects)
     counts = instructions.task_counts(records)
     pairs = [instructions.turn_pairs(c) for c in records["conversations"].to_list()]
-    mc = records.filter(pl.col("task_type") == "multiple_choice")
-    letters = [instructions.mc_letter_replies(c) for c in mc["conversations"].to_list()]
-    rationales = [bool(r) and len(r) == instructions.turn_pairs(c)
-                  and all(words(x) for x in r)
-                  for c, r in zip(mc["conversations"].to_list(), mc["mc_rationale"].to_list())]
     turns = distribution(pl.Series(pairs, dtype=pl.Float64), "turns")
     return {
         "records_n": records.height,
@@ -168,11 +163,23 @@ def instruction_figures(records: pl.DataFrame, rejects: pl.DataFrame) -> Figures
            for task in instructions.TASK_TYPES},
         "turns_mean": turns["turns_mean"], "turns_min": turns["turns_min"],
         "turns_max": turns["turns_max"],
-        "mc_records_n": mc.height,
-        "mc_letter_valid_share": sum(letters) / mc.height if mc.height else NAN,
-        "mc_rationale_share": sum(rationales) / mc.height if mc.height else NAN,
+        **mc_figures(records),
         **reject_figures(records.height, rejects, instructions.REJECT_REASONS),
     }
+
+
+def mc_figures(records: pl.DataFrame) -> Figures:
+    """The kept multiple-choice records: how many, the share whose every reply is one letter of
+    the options listed (mc_letter_replies), and the share with a non-empty rationale for every
+    turn (NaN without multiple-choice records)."""
+    mc = records.filter(pl.col("task_type") == "multiple_choice")
+    conversations = mc["conversations"].to_list()
+    letters = [instructions.mc_letter_replies(c) for c in conversations]
+    rationales = [bool(r) and len(r) == instructions.turn_pairs(c) and all(words(x) for x in r)
+                  for c, r in zip(conversations, mc["mc_rationale"].to_list())]
+    return {"mc_records_n": mc.height,
+            "mc_letter_valid_share": sum(letters) / mc.height if mc.height else NAN,
+            "mc_rationale_share": sum(rationales) / mc.height if mc.height else NAN}
 
 
 # --- Stage 3 ----------------------------------------------------------------------------------------

@@ -542,7 +542,7 @@ def test_reject_rate_check():
                  rejects=rejects(["empty_turn"] * 3)).passed  # 50 %
     result = check("instructions:reject_rate", data=good.head(1),
                    rejects=rejects(["empty_turn"] * 19))  # 95 % > 90 %
-    assert not result.passed and result.metadata["by_reason"].data["empty_turn"] == 19
+    assert not result.passed and result.metadata["rejects_empty_turn"].value == 19  # a number
 
 
 def test_json_validity_check():
