@@ -79,7 +79,15 @@ def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, run_co
 def assert_metadata(meta: dict, expected_rows: int, prompt_version: str = "v2") -> None:
     assert meta["dagster/row_count"] == expected_rows
     assert meta["sample"].startswith("| caption_id ") or expected_rows == 0
-    assert set(meta["rejects_by_reason"]) >= {"too_short", "boilerplate", "near_duplicate"}
+    # every figure a number the UI plots: rejects by reason, lengths, diversity, coverage
+    for reason in ("too_short", "boilerplate", "near_duplicate"):
+        assert isinstance(meta[f"rejects_{reason}"], int)
+    for figure in ("words_mean", "words_median", "words_p5", "words_p95", "distinct_1",
+                   "distinct_2", "type_token_ratio", "seed_coverage", "length_finish_share",
+                   "reject_rate"):
+        assert isinstance(meta[figure], float), figure
+    assert meta["captions_n"] == expected_rows
+    assert meta["words_histogram"].startswith("![caption length in words](data:image/png;base64,")
     assert meta["tokens_generated"] > 0 and meta["tokens_per_second"] > 0
     assert meta["prompt_version"] == f"stage1_expand/{prompt_version}"
 
