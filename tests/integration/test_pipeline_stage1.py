@@ -18,6 +18,7 @@ from unicorn_assets.expansion import (
     expand_captions,
     stage1_checks,
 )
+from unicorn_assets.logic import figures
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import Completion, FakeLLM, LlamaCppLLM
 from unicorn_resources.seed_source import SeedSource
@@ -117,6 +118,11 @@ def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, inst
     kept = pl.read_parquet(data / "expanded_captions" / "shard-b.parquet")
     assert_metadata(meta, kept.height)
     assert meta["model_note"] == UNTRAINED_NOTE
+    # the shard's own figures, as computed again from its stored files
+    stored = figures.caption_figures(
+        kept, pl.read_parquet(data / "expanded_caption_rejects" / "shard-b.parquet"))
+    for name in ("words_mean", "distinct_2", "type_token_ratio", "seed_coverage", "reject_rate"):
+        assert meta[name] == pytest.approx(stored[name]), name
     seeds_meta = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("caption_seeds"), asset_partitions=["shard-a"]),
         limit=1).records[0].asset_materialization.metadata
