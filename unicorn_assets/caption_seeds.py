@@ -135,10 +135,10 @@ def read_caption_seeds(context: dg.AssetExecutionContext, seeds: SeedSource,
     metadata_for = {
         "caption_seeds": lambda key: frame_metadata(
             results[key].seeds, ["seed_id", "seed_kind", "caption"], SEED_COLUMNS,
-            lines_read=results[key].lines_read, rejects_by_reason=results[key].counts),
+            lines_read=results[key].lines_read, rejects=results[key].counts),
         "caption_seed_rejects": lambda key: frame_metadata(
             results[key].rejects, ["source_line", "reason", "detail"],
-            lines_read=results[key].lines_read, rejects_by_reason=results[key].counts),
+            lines_read=results[key].lines_read, rejects=results[key].counts),
     }
     run = {"shards_in_run": len(context.partition_keys)}
     outputs = {"caption_seeds": {k: r.seeds for k, r in results.items() if k not in failed},

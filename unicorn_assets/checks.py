@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 
 from unicorn_assets.logic import quality
+from unicorn_assets.metadata import as_metadata
 from unicorn_assets.partitions import seed_shards
 from unicorn_resources.quality_gates import QualityGates
 
@@ -48,7 +49,8 @@ class Check:
 def to_result(outcome: quality.Outcome, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
               **target: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description,
-                               metadata=outcome.metadata, severity=severity, **target)
+                               metadata=as_metadata(outcome.metadata), severity=severity,
+                               **target)
 
 
 def run_shards(context: dg.AssetCheckExecutionContext) -> list[str]:

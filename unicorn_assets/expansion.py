@@ -18,7 +18,7 @@ from unicorn_assets.checks import (
     reject_rate_check,
     standard_checks,
 )
-from unicorn_assets.logic import faithfulness, pairing, quality
+from unicorn_assets.logic import faithfulness, figures, pairing, quality
 from unicorn_assets.logic.expansion import (
     CAPTION_REJECT_SCHEMA,
     CAPTION_SCHEMA,
@@ -33,6 +33,7 @@ from unicorn_assets.logic.expansion import (
 from unicorn_assets.logic.prompts import load_prompt_set
 from unicorn_assets.metadata import (
     add_shard_metadata,
+    as_metadata,
     frame_metadata,
     table_out,
 )
@@ -182,17 +183,53 @@ expanded_captions_length_finish = Check(
     description="share of expansions (kept and rejected, from their stored finish_reason) that "
     "hit the token budget, under quality_gates.caption_max_length_finish_rate")
 
+def minimum_figures(frames, gates: QualityGates, limits: dict[str, str], what: str,
+                    fix: str) -> quality.Outcome:
+    """Each Stage 1 figure named in `limits` ({figure: gate}) at least its gate's value; NaN (no
+    captions) is not judged."""
+    got = figures.caption_figures(frames["expanded_captions"], frames["expanded_caption_rejects"])
+    low = {name: getattr(gates, gate) for name, gate in limits.items()}
+    below = [name for name, floor in low.items() if got[name] < floor]  # NaN < x is False
+    text = ", ".join(f"{name} {got[name]:.3f} (min {low[name]:g})" for name in limits)
+    return quality.Outcome(
+        not below, f"{what} over {got['captions_n']} captions: {text}"
+        + (f"; below the gate: {below}: {fix}" if below else ""),
+        {**{name: got[name] for name in limits},
+         **{f"min_{name}": low[name] for name in limits}, "captions": got["captions_n"]})
+
+
+expanded_captions_lexical_diversity = Check(
+    "expanded_captions", "lexical_diversity", lambda frames, gates: minimum_figures(
+        frames, gates, {"distinct_1": "caption_min_distinct_1",
+                        "distinct_2": "caption_min_distinct_2",
+                        "type_token_ratio": "caption_min_type_token_ratio"},
+        "lexical diversity", "the model repeats itself; raise temperature or repeat_penalty of "
+        "expand_captions, or use a stronger model"), blocking=False,
+    description="distinct-1 and distinct-2 over the shard's captions and their mean type-token "
+    "ratio at least quality_gates.caption_min_distinct_1 / _distinct_2 / _type_token_ratio")
+
+expanded_captions_seed_coverage = Check(
+    "expanded_captions", "seed_coverage", lambda frames, gates: minimum_figures(
+        frames, gates, {"seed_coverage": "caption_min_mean_seed_coverage"},
+        "mean seed coverage", "the captions drop what their seeds say; check the prompt and "
+        "the model"), blocking=False,
+    description="the mean share of the seed's content words the shard's captions keep, at "
+    "least quality_gates.caption_min_mean_seed_coverage")
+
 stage1_checks = [
     *standard_checks("expanded_captions", schema=CAPTION_SCHEMA, id_column="caption_id",
                      required=["caption_id", "seed_id", "caption", "caption_sha256", "model_id",
                                "prompt_version"]),
     expanded_captions_reject_rate,
     expanded_captions_length_finish,
+    expanded_captions_lexical_diversity,
+    expanded_captions_seed_coverage,
     frame_check("expanded_captions", "caption_length",
                 lambda df, q: quality.length_distribution(
                     df["n_words"], q.caption_min_median_words, q.caption_max_median_words,
-                    q.caption_max_p95_words),
-                blocking=True, description="median and p95 caption length in words within bounds"),
+                    q.caption_max_p95_words, q.caption_min_p5_words),
+                blocking=True, description="median, p5 and p95 caption length in words within "
+                "bounds"),
     frame_check("expanded_captions", "caption_digest",
                 lambda df, q: pairing.digests_match_text(df), blocking=True,
                 description="caption_sha256 is the SHA-256 of the caption text, on every row"),
@@ -249,11 +286,13 @@ def expand_captions(context: dg.AssetExecutionContext, config: ExpansionConfig,
             config.filters(), faithfulness=faithfulness_rules(quality_gates)))
         context.log.info(f"{key}: {kept[key].height} captions kept, {rejected[key].height} "
                          f"rejected {reject_counts(rejected[key])}")
-    add_shard_metadata(context, "expanded_captions", lambda key: frame_metadata(
-        kept[key], ["caption_id", "style", "caption"], CAPTION_COLUMNS,
-        rejects_by_reason=reject_counts(rejected[key])))
+    add_shard_metadata(context, "expanded_captions", lambda key: {
+        **frame_metadata(kept[key], ["caption_id", "style", "caption"], CAPTION_COLUMNS),
+        **as_metadata(figures.caption_figures(kept[key], rejected[key])),
+        "words_histogram": dg.MetadataValue.md(figures.word_histogram_markdown(
+            kept[key]["n_words"]))})
     add_shard_metadata(context, "expanded_caption_rejects", lambda key: frame_metadata(
-        rejected[key], ["reason", "caption"], rejects_by_reason=reject_counts(rejected[key])))
+        rejected[key], ["reason", "caption"], rejects=reject_counts(rejected[key])))
     run = {"shards_in_run": len(kept)}
     yield dg.Output(kept, "expanded_captions", metadata={
         **run, "prompt_version": prompts.ref, **llm_metadata(llm, completions, seconds)})

@@ -20,7 +20,7 @@ from unicorn_assets.checks import (
     standard_checks,
 )
 from unicorn_assets.expansion import llm_metadata
-from unicorn_assets.logic import quality
+from unicorn_assets.logic import figures, quality
 from unicorn_assets.logic.instructions import (
     INSTRUCTION_REJECT_SCHEMA,
     INSTRUCTION_SCHEMA,
@@ -40,6 +40,7 @@ from unicorn_assets.logic.instructions import (
 )
 from unicorn_assets.metadata import (
     add_shard_metadata,
+    as_metadata,
     frame_metadata,
     markdown_table,
     table_out,
@@ -157,14 +158,32 @@ instructions_reject_rate = reject_rate_check(
 
 
 def json_validity_outcome(frames, gates: QualityGates) -> quality.Outcome:
+    """JSON validity over every attempt, at the first attempt and after the retries, each at
+    least its gate."""
+    got = figures.instruction_figures(frames["instructions"], frames["instruction_rejects"])
     rate, attempts = json_validity(frames["instructions"], frames["instruction_rejects"])
-    return quality.min_rate(rate, gates.instruction_min_json_validity, "JSON validity", attempts)
+    overall = quality.min_rate(rate, gates.instruction_min_json_validity, "JSON validity", attempts)
+    floors = {"json_valid_first_attempt": gates.instruction_min_json_valid_first_attempt,
+              "json_valid_final": gates.instruction_min_json_valid_final}
+    below = [name for name, floor in floors.items() if got[name] < floor]  # NaN: not judged
+    text = ", ".join(f"{name.removeprefix('json_valid_').replace('_', ' ')} "
+                     f"{got[name]:.1%} (min {floor:.0%})" for name, floor in floors.items())
+    passed = overall.passed and not below
+    fix = "" if passed else ("; use a backend with JSON-schema decoding (llm.backend vllm or "
+                             "llama_cpp), a stronger model, or lower max_tokens_per_turn cuts")
+    return quality.Outcome(
+        passed, f"{overall.description}; of {got['records_n'] + frames['instruction_rejects'].height}"
+        f" records: {text}{fix}",
+        {**overall.metadata, **{name: got[name] for name in floors},
+         **{f"min_{name}": floor for name, floor in floors.items()}})
 
 
 instructions_json_validity = Check(
     "instructions", "json_validity_rate", json_validity_outcome, blocking=False,
     description="share of LLM attempts (records, rejects, retries) that returned JSON valid for "
-    "the schema, over quality_gates.instruction_min_json_validity")
+    "the schema, over quality_gates.instruction_min_json_validity; and the share of records "
+    "valid at the first attempt and after the retries, over "
+    "instruction_min_json_valid_first_attempt / _final")
 
 
 def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:
@@ -174,7 +193,8 @@ def task_mix_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcom
                                {"mixes": mixes})
     expected = json.loads(mixes[0]) if mixes else {}
     return quality.mix_within_tolerance(task_counts(frame), expected,
-                                        gates.instruction_mix_tolerance)
+                                        gates.instruction_mix_tolerance,
+                                        gates.instruction_mix_alpha)
 
 
 def _multiple_choice(frame: pl.DataFrame) -> pl.DataFrame:
@@ -206,6 +226,18 @@ INSTRUCTION_COLUMNS = {
 }
 
 
+def mc_rationale_outcome(frame: pl.DataFrame, gates: QualityGates) -> quality.Outcome:
+    got = figures.mc_figures(frame)
+    share, floor = got["mc_rationale_share"], gates.instruction_min_mc_rationale_share
+    passed = not share < floor  # NaN (no multiple-choice records): nothing to judge
+    return quality.Outcome(
+        passed, f"{share:.1%} of {got['mc_records_n']} multiple-choice records give a rationale "
+        f"for every turn (min {floor:.0%})" + ("" if passed else ": a reply without its reason "
+                                               "cannot be checked; use a stronger model"),
+        {"mc_rationale_share": share, "mc_records": got["mc_records_n"],
+         "min_mc_rationale_share": floor})
+
+
 def turns_per_record_check(turns: dict[str, tuple[int, int]]) -> Check:
     """Blocking: every stored conversation has whole human/gpt pairs, as many as the configured
     bounds of its task type allow (`turns`: the run's settings)."""
@@ -229,8 +261,13 @@ stage2_checks = [
     instructions_reject_rate,
     instructions_json_validity,
     frame_check("instructions", "task_mix", task_mix_outcome, blocking=False,
-                description="task-type shares within quality_gates.instruction_mix_tolerance "
-                "(plus binomial slack) of the configured mix"),
+                description="each task-type share consistent with the configured mix within "
+                "quality_gates.instruction_mix_tolerance: fails when its Wilson interval at "
+                "confidence 1 - instruction_mix_alpha lies outside it; too small a shard to "
+                "judge passes with too_small_to_judge set"),
+    frame_check("instructions", "mc_rationale", mc_rationale_outcome, blocking=False,
+                description="share of multiple-choice records with a rationale for every turn, "
+                "at least quality_gates.instruction_min_mc_rationale_share"),
     frame_check("instructions", "mc_letter_reply",
                 lambda df, q: quality.rows_satisfy(
                     _multiple_choice(df), "conversations", mc_letter_replies,
@@ -294,10 +331,10 @@ def make_instructions(context: dg.AssetExecutionContext, config: InstructionConf
         shard, validity = records[key], json_validity(records[key], rejects[key])
         meta = frame_metadata(
             shard, column_docs=INSTRUCTION_COLUMNS, task_type_counts=task_counts(shard),
-            rejects_by_reason=reject_counts(rejects[key]),
-            json_validity_rate=round(validity[0], 4), attempts=validity[1],
+            json_validity_rate=validity[0], attempts=validity[1],
             captions_available=expanded_captions.filter(pl.col("shard") == key).height,
             captions_used=plan.filter(pl.col("shard") == key).height)
+        meta.update(as_metadata(figures.instruction_figures(shard, rejects[key])))
         if shard.height:
             meta["sample"] = dg.MetadataValue.md(markdown_table(dialogue_preview(shard)))
             meta["example_conversation"] = dg.MetadataValue.md(
@@ -307,12 +344,12 @@ def make_instructions(context: dg.AssetExecutionContext, config: InstructionConf
     add_shard_metadata(context, "instructions", shard_meta)
     add_shard_metadata(context, "instruction_rejects", lambda key: frame_metadata(
         rejects[key], ["caption_id", "task_type", "reason", "detail"],
-        rejects_by_reason=reject_counts(rejects[key])))
+        rejects=reject_counts(rejects[key])))
     run = {"shards_in_run": len(records)}
     yield dg.Output(records, "instructions", metadata={
         **run, "requests_per_attempt": dg.MetadataValue.json(generation.batch_sizes),
         "structured_output": "json_schema" if structured else "prompt_only",
-        "task_mix": dg.MetadataValue.json(settings.shares()),
+        **as_metadata({"task_mix": settings.shares()}),  # task_mix_<task>: a number each
         "turns": dg.MetadataValue.json({k: list(v) for k, v in settings.turns.items()}),
         "max_captions_per_shard": chosen.max_captions_per_shard or "all",
         "sample_fraction": chosen.sample_fraction,

@@ -67,8 +67,49 @@ def frame_metadata(frame: pl.DataFrame, sample_columns: Sequence[str] | None = N
         "sample": dg.MetadataValue.md(markdown_table(frame, sample_columns)) if frame.height
         else dg.MetadataValue.md("_no rows_"),
     }
-    for key, value in extra.items():
-        meta[key] = dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
+    meta.update(as_metadata(extra))
+    return meta
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number_leaves(value: Any) -> bool:
+    """A number, or a non-empty dict whose leaves are all numbers."""
+    if isinstance(value, Mapping):
+        return bool(value) and all(_number_leaves(v) for v in value.values())
+    return _is_number(value)
+
+
+def _flatten(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for sub, inner in value.items() for k, v in _flatten(f"{key}_{sub}",
+                                                                         inner).items()}
+    return {key: value}
+
+
+def as_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Metadata the UI can plot: every figure a number (MetadataValue.int / .float, bool as
+    .bool), a dict of figures ({"too_short": 3}) flattened to one number per entry
+    (`<key>_too_short`); only genuinely structured values (lists, dicts of text) stay JSON.
+    MetadataValue objects pass unchanged."""
+    meta: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dg.MetadataValue | dg.TableSchema):  # Dagster's own (records)
+            meta[key] = value
+        elif isinstance(value, bool):
+            meta[key] = dg.MetadataValue.bool(value)
+        elif isinstance(value, int):
+            meta[key] = dg.MetadataValue.int(value)
+        elif isinstance(value, float):
+            meta[key] = dg.MetadataValue.float(value)
+        elif isinstance(value, Mapping) and _number_leaves(value):
+            meta.update(as_metadata(_flatten(key, value)))
+        elif type(value) in (dict, list, tuple):
+            meta[key] = dg.MetadataValue.json(value)
+        else:
+            meta[key] = value
     return meta
 
 

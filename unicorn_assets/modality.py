@@ -24,13 +24,14 @@ from unicorn_assets.checks import (
     frame_check,
     standard_checks,
 )
-from unicorn_assets.logic import modality, tokens
+from unicorn_assets.logic import figures, modality, tokens
 from unicorn_assets.logic.exports import duplicate_caption_ids
 from unicorn_assets.logic.quality import Outcome, schema_matches
 from unicorn_assets.metadata import (
     KINDS,
     OWNERS,
     add_shard_metadata,
+    as_metadata,
     described_columns,
     frame_metadata,
     markdown_table,
@@ -111,13 +112,6 @@ def caption_embedding_checks(embedding_dim: int, max_text_tokens: int = 0) -> li
     ]
 
 
-def token_metadata(counted: pl.DataFrame) -> dict[str, dg.MetadataValue]:
-    """The shard's caption lengths in the encoder's tokens and the share cut, as numbers."""
-    return {name: dg.MetadataValue.int(value) if isinstance(value, int)
-            else dg.MetadataValue.float(value)
-            for name, value in tokens.token_summary(counted).items()}
-
-
 @dg.asset(
     description="CLIP text embedding (float32, unit norm) of every expanded caption of the shard.",
     partitions_def=seed_shards,
@@ -151,7 +145,7 @@ def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
     add_shard_metadata(context, "caption_embeddings", lambda key: {
         **frame_metadata(frames[key], ["caption_id", "shard", "model_id"],
                          CAPTION_EMBEDDING_COLUMNS),
-        **token_metadata(counted[key])})
+        **as_metadata(figures.embedding_figures(frames[key], counted[key]))})
     yield dg.Output(frames, metadata={
         "shards_in_run": len(frames), "encode_seconds": round(seconds, 3),
         "embeddings_per_second": round(frame.height / seconds, 1) if seconds > 0 else 0.0,
@@ -340,7 +334,7 @@ def transferred_embeddings_checks(quality_gates: QualityGates,
     for name, outcome in outcomes.items():
         yield dg.AssetCheckResult(check_name=name, asset_key=dg.AssetKey("transferred_embeddings"),
                                   passed=outcome.passed, description=outcome.description,
-                                  metadata=outcome.metadata)
+                                  metadata=as_metadata(outcome.metadata))
 
 
 stage3_assets = [caption_embeddings, modality_statistics, transferred_embeddings]

@@ -54,3 +54,8 @@ def test_short_captions_pass_under_truncate(tmp_path, instance, seed_dir):
     assert check.passed and not failed_checks(result)
     assert meta["truncated_share"].value == 0.0
     assert 20 < meta["text_tokens_max"].value <= 77
+    # the embeddings' L2 norms as numbers: unit vectors from the encoder
+    for name in ("norm_min", "norm_max", "norm_mean"):
+        assert isinstance(meta[name], dg.FloatMetadataValue)
+        assert meta[name].value == pytest.approx(1.0, abs=1e-3)
+    assert meta["embeddings_n"].value == meta["dagster/row_count"].value

@@ -18,6 +18,7 @@ from unicorn_assets.expansion import (
     expand_captions,
     stage1_checks,
 )
+from unicorn_assets.logic import figures
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.llm import Completion, FakeLLM, LlamaCppLLM
 from unicorn_resources.seed_source import SeedSource
@@ -79,7 +80,15 @@ def assert_outputs_and_lineage(data: Path, seed_dir: Path, model_id: str, run_co
 def assert_metadata(meta: dict, expected_rows: int, prompt_version: str = "v2") -> None:
     assert meta["dagster/row_count"] == expected_rows
     assert meta["sample"].startswith("| caption_id ") or expected_rows == 0
-    assert set(meta["rejects_by_reason"]) >= {"too_short", "boilerplate", "near_duplicate"}
+    # every figure a number the UI plots: rejects by reason, lengths, diversity, coverage
+    for reason in ("too_short", "boilerplate", "near_duplicate"):
+        assert isinstance(meta[f"rejects_{reason}"], int)
+    for figure in ("words_mean", "words_median", "words_p5", "words_p95", "distinct_1",
+                   "distinct_2", "type_token_ratio", "seed_coverage", "length_finish_share",
+                   "reject_rate"):
+        assert isinstance(meta[figure], float), figure
+    assert meta["captions_n"] == expected_rows
+    assert meta["words_histogram"].startswith("![caption length in words](data:image/png;base64,")
     assert meta["tokens_generated"] > 0 and meta["tokens_per_second"] > 0
     assert meta["prompt_version"] == f"stage1_expand/{prompt_version}"
 
@@ -109,6 +118,11 @@ def test_seeds_and_stage1_with_the_fake_llm(tmp_path: Path, seed_dir: Path, inst
     kept = pl.read_parquet(data / "expanded_captions" / "shard-b.parquet")
     assert_metadata(meta, kept.height)
     assert meta["model_note"] == UNTRAINED_NOTE
+    # the shard's own figures, as computed again from its stored files
+    stored = figures.caption_figures(
+        kept, pl.read_parquet(data / "expanded_caption_rejects" / "shard-b.parquet"))
+    for name in ("words_mean", "distinct_2", "type_token_ratio", "seed_coverage", "reject_rate"):
+        assert meta[name] == pytest.approx(stored[name]), name
     seeds_meta = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("caption_seeds"), asset_partitions=["shard-a"]),
         limit=1).records[0].asset_materialization.metadata

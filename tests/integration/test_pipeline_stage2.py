@@ -133,9 +133,13 @@ def test_two_shards_in_one_run_with_the_local_profile_settings(instance, tmp_pat
         assert set(recs["shard"]) <= {key} and set(rejs["shard"]) <= {key}
         assert recs.height + rejs.height == demo["max_captions_per_shard"]  # none dropped
         rows[key] = recs
-        assert per_shard[key]["task_type_counts"] == {
-            t: recs.filter(pl.col("task_type") == t).height for t in TASK_TYPES}
+        for t in TASK_TYPES:  # numbers the UI plots across shards and runs
+            n = recs.filter(pl.col("task_type") == t).height
+            assert per_shard[key][f"task_type_counts_{t}"] == n
+            assert per_shard[key][f"share_{t}"] == pytest.approx(n / recs.height)
         assert per_shard[key]["json_validity_rate"] == 1.0
+        assert per_shard[key]["json_valid_first_attempt"] == 1.0
+        assert per_shard[key]["json_valid_final"] == 1.0
     records = pl.concat(rows.values())
     captions = pl.concat([pl.read_parquet(data / "expanded_captions" / f"{k}.parquet")
                           for k in SHARDS])
@@ -161,7 +165,7 @@ def test_materialize_without_config_uses_the_profiles_stage2_settings(instance, 
     meta = materialization(result, "instructions")
     assert meta["max_captions_per_shard"] == 3 and meta["captions_used"] == 3
     assert meta["turns"]["question_answering"] == [2, 2]
-    assert meta["task_mix"] == {t: 0.25 for t in TASK_TYPES}
+    assert all(meta[f"task_mix_{t}"] == 0.25 for t in TASK_TYPES)  # numbers, beside share_<t>
     assert meta["settings"]["qa_pairs_max"] == 2 and meta["settings"]["max_attempts"] == 3
 
 
@@ -178,7 +182,7 @@ def test_a_runs_config_overrides_the_profile_field_by_field(instance, tmp_path, 
     available = pl.read_parquet(data / "expanded_captions" / f"{SHARDS[0]}.parquet").height
     assert meta["captions_used"] == available > 3  # 0: every caption, over the profile's 3
     assert meta["turns"]["question_answering"] == [3, 3]  # the run's
-    assert meta["task_mix"] == {t: 0.25 for t in TASK_TYPES}  # the profile's, not overridden
+    assert all(meta[f"task_mix_{t}"] == 0.25 for t in TASK_TYPES)  # numbers, beside share_<t>  # the profile's, not overridden
     records = pl.read_parquet(data / "instructions" / f"{SHARDS[0]}.parquet")
     assert set(records.filter(pl.col("task_type") != "multi_turn")["n_turns"]) == {3}
 
@@ -209,6 +213,8 @@ def test_invalid_json_is_retried_and_measured(instance, tmp_path, seed_dir):
                                                   for c in records["caption_id"]]
     meta = materialization(result, "instructions")
     assert meta["json_validity_rate"] == 0.5 and meta["requests_per_attempt"] == [4, 4]
+    # every first output was invalid, every record valid after one retry
+    assert meta["json_valid_first_attempt"] == 0.0 and meta["json_valid_final"] == 1.0
     # the paper's defaults apply without the profile's stage2 section: 6-8 QA pairs
     assert set(records["n_turns"]) <= {6, 7, 8}
     assert set(records["task_type"]) <= {"multiple_choice", "question_answering",

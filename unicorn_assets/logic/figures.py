@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import polars as pl
 
-from unicorn_assets.logic import expansion, instructions, tokens
+from unicorn_assets.logic import expansion, faithfulness, instructions, tokens
 from unicorn_assets.logic.text import words
 
 NAN = float("nan")
@@ -38,27 +38,10 @@ Figures = dict[str, float | int]
 
 # Function words that carry no content of their own: what seed coverage does not ask a caption to
 # keep (a seed's "a", "of", "is" say nothing about the picture). English only, kept small.
-_STOPWORDS = """
-a an the and or but nor of in on at to for from by with without into onto over under above below
-near next beside behind between among around through across along up down out off about as than
-then there here this that these those it its it's is are was were be been being am has have had
-do does did doing some any each every all both few more most other such no not only own same so
-very can will just while who whom which what where when why how he she they them their his her
-him we us our you your i me my"""
-STOPWORDS = frozenset(_STOPWORDS.split())
-
-
-def content_words(text: str) -> set[str]:
-    """The folded words of `text` that are not stop words."""
-    return {w for w in words(text) if w not in STOPWORDS}
-
-
 def seed_coverage(caption: str, seed: str) -> float:
-    """Share of the seed's content words that the caption contains (1.0 for a seed without any)."""
-    wanted = content_words(seed)
-    if not wanted:
-        return 1.0
-    return len(wanted & set(words(caption))) / len(wanted)
+    """Share of the seed's content lemmas that the caption contains (1.0 for a seed without
+    any): the Stage 1 filter's own signal (logic/faithfulness.py), for frames stored before it."""
+    return faithfulness.seed_coverage(seed, caption)
 
 
 def _ngrams(tokens_: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -152,11 +135,6 @@ def instruction_figures(records: pl.DataFrame, rejects: pl.DataFrame) -> Figures
     validity, attempts = instructions.json_validity(records, rejects)
     counts = instructions.task_counts(records)
     pairs = [instructions.turn_pairs(c) for c in records["conversations"].to_list()]
-    mc = records.filter(pl.col("task_type") == "multiple_choice")
-    letters = [instructions.mc_letter_replies(c) for c in mc["conversations"].to_list()]
-    rationales = [bool(r) and len(r) == instructions.turn_pairs(c)
-                  and all(words(x) for x in r)
-                  for c, r in zip(mc["conversations"].to_list(), mc["mc_rationale"].to_list())]
     turns = distribution(pl.Series(pairs, dtype=pl.Float64), "turns")
     return {
         "records_n": records.height,
@@ -168,11 +146,23 @@ def instruction_figures(records: pl.DataFrame, rejects: pl.DataFrame) -> Figures
            for task in instructions.TASK_TYPES},
         "turns_mean": turns["turns_mean"], "turns_min": turns["turns_min"],
         "turns_max": turns["turns_max"],
-        "mc_records_n": mc.height,
-        "mc_letter_valid_share": sum(letters) / mc.height if mc.height else NAN,
-        "mc_rationale_share": sum(rationales) / mc.height if mc.height else NAN,
+        **mc_figures(records),
         **reject_figures(records.height, rejects, instructions.REJECT_REASONS),
     }
+
+
+def mc_figures(records: pl.DataFrame) -> Figures:
+    """The kept multiple-choice records: how many, the share whose every reply is one letter of
+    the options listed (mc_letter_replies), and the share with a non-empty rationale for every
+    turn (NaN without multiple-choice records)."""
+    mc = records.filter(pl.col("task_type") == "multiple_choice")
+    conversations = mc["conversations"].to_list()
+    letters = [instructions.mc_letter_replies(c) for c in conversations]
+    rationales = [bool(r) and len(r) == instructions.turn_pairs(c) and all(words(x) for x in r)
+                  for c, r in zip(conversations, mc["mc_rationale"].to_list())]
+    return {"mc_records_n": mc.height,
+            "mc_letter_valid_share": sum(letters) / mc.height if mc.height else NAN,
+            "mc_rationale_share": sum(rationales) / mc.height if mc.height else NAN}
 
 
 # --- Stage 3 ----------------------------------------------------------------------------------------

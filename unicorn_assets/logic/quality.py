@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import polars as pl
@@ -44,18 +45,21 @@ def null_rates(frame: pl.DataFrame, columns: Sequence[str], max_rate: float) -> 
     rates = {c: frame[c].null_count() / frame.height for c in columns}
     bad = {c: r for c, r in rates.items() if r > max_rate}
     return Outcome(not bad, f"columns over {max_rate:.0%} null: {sorted(bad)}" if bad
-                   else "null rates within bound", {"null_rates": rates})
+                   else "null rates within bound", {f"null_rate_{c}": r for c, r in rates.items()})
 
 
 def length_distribution(word_counts: pl.Series, min_median: float, max_median: float,
-                        max_p95: float) -> Outcome:
+                        max_p95: float, min_p5: float = 0) -> Outcome:
     if word_counts.len() == 0:
         return Outcome(False, "no captions to measure", {})
-    stats = {"min": int(word_counts.min()), "median": float(word_counts.median()),
-             "p95": float(word_counts.quantile(0.95)), "max": int(word_counts.max())}
-    ok = min_median <= stats["median"] <= max_median and stats["p95"] <= max_p95
-    return Outcome(ok, f"median {stats['median']:.0f} words (allowed {min_median}-{max_median}), "
-                   f"p95 {stats['p95']:.0f} (max {max_p95})", {"words": stats})
+    stats = {"words_min": int(word_counts.min()), "words_median": float(word_counts.median()),
+             "words_p5": float(word_counts.quantile(0.05, "linear")),
+             "words_p95": float(word_counts.quantile(0.95, "linear")),
+             "words_max": int(word_counts.max())}  # percentiles interpolated as numpy's
+    median, p5, p95 = stats["words_median"], stats["words_p5"], stats["words_p95"]
+    ok = min_median <= median <= max_median and p95 <= max_p95 and p5 >= min_p5
+    return Outcome(ok, f"median {median:.0f} words (allowed {min_median}-{max_median}), "
+                   f"p5 {p5:.0f} (min {min_p5}), p95 {p95:.0f} (max {max_p95})", stats)
 
 
 def reject_rate(kept: int, rejected: int, max_rate: float,
@@ -64,7 +68,8 @@ def reject_rate(kept: int, rejected: int, max_rate: float,
     rate = rejected / total if total else 0.0
     return Outcome(rate <= max_rate, f"reject rate {rate:.1%} (max {max_rate:.0%})",
                    {"reject_rate": rate, "rejected": rejected, "total": total,
-                    "by_reason": by_reason or {}})
+                    **{f"rejects_{reason}": int(count)
+                       for reason, count in (by_reason or {}).items()}})
 
 
 def near_duplicate_rate(texts: Sequence[str], threshold: float, max_rate: float,
@@ -80,24 +85,70 @@ def min_rate(rate: float, minimum: float, what: str, measured: int) -> Outcome:
                    {"rate": rate, "measured": measured})
 
 
-def mix_within_tolerance(counts: Mapping[str, int], expected: Mapping[str, float],
-                         tolerance: float, z: float = 3.0) -> Outcome:
-    """Each category's share within `tolerance` of its expected share, plus the binomial slack of
-    `z` standard errors (a shard of a few records cannot show a mix precisely)."""
-    n = sum(counts.values())
+def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share `successes` / `n` for a normal quantile `z`
+    (it keeps its coverage near 0 and 1 and at small n, where the normal interval does not)."""
     if n == 0:
-        return Outcome(True, "no records to measure", {})
-    observed = {k: counts.get(k, 0) / n for k in sorted({*counts, *expected})}
-    off = {}
-    for k, share in observed.items():
-        p = expected.get(k, 0.0)
-        allowed = tolerance + z * math.sqrt(p * (1 - p) / n)
-        if abs(share - p) > allowed:
-            off[k] = {"observed": round(share, 4), "expected": round(p, 4),
-                      "allowed": round(allowed, 4)}
-    return Outcome(not off, f"shares off the configured mix: {sorted(off)}" if off else
-                   f"mix within tolerance over {n} records",
-                   {"observed": observed, "expected": dict(expected), "off": off, "records": n})
+        return 0.0, 1.0
+    share, z2 = successes / n, z * z
+    centre = (share + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mix_min_records(expected: Mapping[str, float], tolerance: float, alpha: float,
+                    categories: int | None = None) -> int:
+    """The fewest records at which every expected share can be judged to within `tolerance`:
+    the n where the interval's half-width at the expected share, z * sqrt(p (1 - p) / n), is
+    `tolerance` (z: two-sided, Bonferroni over the categories)."""
+    z = _mix_z(alpha, categories or len(expected))
+    worst = max((p * (1 - p) for p in expected.values()), default=0.0)
+    return math.ceil(z * z * worst / max(tolerance, 1e-6) ** 2)
+
+
+def _mix_z(alpha: float, categories: int) -> float:
+    return NormalDist().inv_cdf(1 - alpha / (2 * max(categories, 1)))
+
+
+def mix_within_tolerance(counts: Mapping[str, int], expected: Mapping[str, float],
+                         tolerance: float, alpha: float = 0.01) -> Outcome:
+    """Each category's share, seen in a sample of n, is consistent with its expected share
+    within `tolerance`: a share fails when its Wilson interval (confidence 1 - alpha, Bonferroni
+    over the categories) lies wholly outside expected +- tolerance, i.e. when it is off by more
+    than the tolerance beyond chance. Below `mix_min_records` the sample cannot show a share to
+    within the tolerance: a clear deviation still fails, anything else passes with
+    `too_small_to_judge` set and says so."""
+    n = sum(counts.values())
+    keys = sorted({*counts, *expected})
+    min_n = mix_min_records({k: expected.get(k, 0.0) for k in keys}, tolerance, alpha, len(keys))
+    base: dict[str, Any] = {"records": n, "min_records": min_n, "too_small_to_judge": n < min_n,
+                            "alpha": alpha, "tolerance": tolerance}
+    if n == 0:
+        return Outcome(True, "no records to measure", base)
+    z = _mix_z(alpha, len(keys))
+    figures: dict[str, Any] = {}
+    off = []
+    for k in keys:
+        p, share = expected.get(k, 0.0), counts.get(k, 0) / n
+        low, high = wilson_interval(counts.get(k, 0), n, z)
+        figures |= {f"share_{k}": share, f"expected_{k}": p, f"lower_{k}": low,
+                    f"upper_{k}": high}
+        if high < p - tolerance or low > p + tolerance:
+            off.append(k)
+    confidence = f"{1 - alpha:.0%}"
+    if off:
+        detail = "; ".join(f"{k} {figures[f'share_{k}']:.2f} (expected {expected.get(k, 0.0):.2f}"
+                           f", {confidence} interval {figures[f'lower_{k}']:.2f}-"
+                           f"{figures[f'upper_{k}']:.2f})" for k in off)
+        return Outcome(False, f"shares off the configured mix by more than {tolerance:.2f} "
+                       f"beyond chance over {n} records: {detail}; check stage2.task_mix and "
+                       "regenerate", {**base, **figures, "off": off})
+    if n < min_n:
+        return Outcome(True, f"too small to judge: {n} records; judging each share to within "
+                       f"{tolerance:.2f} at {confidence} needs at least {min_n}, and no share is "
+                       "off beyond chance", {**base, **figures, "off": off})
+    return Outcome(True, f"mix within {tolerance:.2f} of the configured shares over {n} records "
+                   f"({confidence} intervals)", {**base, **figures, "off": off})
 
 
 def rows_satisfy(frame: pl.DataFrame, column: str, predicate: Callable[[Any], bool], what: str,

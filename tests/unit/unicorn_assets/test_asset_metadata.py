@@ -54,3 +54,28 @@ def test_main_tables_describe_every_column(name):
 def test_a_column_without_a_description_is_refused():
     with pytest.raises(ValueError, match=r"columns without a description: \['b'\]"):
         described_columns({"a": "String", "b": "Int64"}, {"a": "the a"})
+
+
+def test_figures_become_numbers_the_ui_plots_and_structure_stays_json():
+    from unicorn_assets.checks import to_result
+    from unicorn_assets.logic.quality import Outcome
+    from unicorn_assets.metadata import as_metadata
+
+    meta = as_metadata({"rows": 3, "rate": 0.5, "flag": True, "note": "text",
+                        "rejects": {"too_short": 2, "empty": 0},
+                        "nested": {"a": {"observed": 0.1}},
+                        "failing_ids": ["x", "y"], "by_shard": {"s": {"passed": True,
+                                                                      "description": "ok"}},
+                        "kept": dg.MetadataValue.md("**as is**")})
+    assert meta["rows"] == dg.MetadataValue.int(3) and meta["rate"] == dg.MetadataValue.float(0.5)
+    assert meta["flag"] == dg.MetadataValue.bool(True) and meta["note"] == "text"
+    assert meta["rejects_too_short"] == dg.MetadataValue.int(2)
+    assert meta["rejects_empty"] == dg.MetadataValue.int(0) and "rejects" not in meta
+    assert meta["nested_a_observed"] == dg.MetadataValue.float(0.1)
+    assert meta["failing_ids"] == dg.MetadataValue.json(["x", "y"])
+    assert isinstance(meta["by_shard"], dg.JsonMetadataValue)  # text inside: structured
+    assert meta["kept"] == dg.MetadataValue.md("**as is**")
+    result = to_result(Outcome(True, "ok", {"by_reason": {"empty": 1}, "rate": 0.25}),
+                       asset_key="a", check_name="c")
+    assert result.metadata["by_reason_empty"] == dg.MetadataValue.int(1)
+    assert result.metadata["rate"] == dg.MetadataValue.float(0.25)

@@ -10,7 +10,11 @@ import polars as pl
 import pytest
 
 from tests.support import coco_captions
-from unicorn_assets.expansion import ExpansionConfig
+from unicorn_assets.expansion import (
+    ExpansionConfig,
+    expanded_captions_lexical_diversity,
+    expanded_captions_seed_coverage,
+)
 from unicorn_assets.logic.dedup import (
     exact_duplicate_mask,
     exact_jaccard_pair_rate,
@@ -31,7 +35,9 @@ from unicorn_assets.logic.expansion import (
 )
 from unicorn_assets.logic.faithfulness import FaithfulnessRules, with_judgements
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
+from unicorn_assets.logic.text import word_count_expr
 from unicorn_resources.llm import ChatRequest, Completion, FakeLLM, SamplingParams
+from unicorn_resources.quality_gates import QualityGates
 
 PROMPTS = load_prompt_set("stage1_expand", "v1")
 STYLES = list(PROMPTS.styles)  # the opt-in style focuses
@@ -302,3 +308,33 @@ def test_fake_llm_expansions_pass_the_filters(tmp_path):
     assert kept.height == 10, rejected.select("reason", "caption").rows()
     assert kept["caption"].str.starts_with(kept["seed_caption"]).all()
     assert (kept["model_id"] == "fake:deterministic").all()
+
+
+# --- the Stage 1 figure checks on stored frames, passing and failing ---------------------------------
+
+def figure_frames(texts: list[str], seeds: list[str]) -> dict[str, pl.DataFrame]:
+    kept = pl.DataFrame({"caption": texts, "seed_caption": seeds,
+                         "finish_reason": ["stop"] * len(texts)}).with_columns(
+        word_count_expr("caption").cast(pl.Int32).alias("n_words"))
+    return {"expanded_captions": kept,
+            "expanded_caption_rejects": kept.head(0).with_columns(reason=pl.lit("empty"))}
+
+
+def test_lexical_diversity_check_fails_a_model_that_repeats_itself():
+    texts = [c["caption"] for c in coco_captions(12)]
+    gates = QualityGates()
+    good = expanded_captions_lexical_diversity.outcome({"a": figure_frames(texts, texts)}, gates)
+    assert good.passed and good.metadata["distinct_2"] > gates.caption_min_distinct_2
+    looping = ["A dog on a bed, a dog on a bed, a dog on a bed, a dog on a bed."] * 12
+    bad = expanded_captions_lexical_diversity.outcome({"a": figure_frames(looping, texts)}, gates)
+    assert not bad.passed and "below the gate" in bad.description
+    assert bad.metadata["type_token_ratio"] < gates.caption_min_type_token_ratio
+
+
+def test_seed_coverage_check_fails_captions_that_drop_their_seeds():
+    texts = [c["caption"] for c in coco_captions(12)]
+    gates = QualityGates()
+    assert expanded_captions_seed_coverage.outcome({"a": figure_frames(texts, texts)}, gates).passed
+    others = [c["caption"] for c in coco_captions(12, offset=200)]  # another image's seed
+    bad = expanded_captions_seed_coverage.outcome({"a": figure_frames(texts, others)}, gates)
+    assert not bad.passed and bad.metadata["seed_coverage"] < gates.caption_min_mean_seed_coverage

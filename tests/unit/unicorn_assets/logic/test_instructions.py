@@ -5,6 +5,7 @@ failing."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from typing import Any
 
@@ -542,7 +543,7 @@ def test_reject_rate_check():
                  rejects=rejects(["empty_turn"] * 3)).passed  # 50 %
     result = check("instructions:reject_rate", data=good.head(1),
                    rejects=rejects(["empty_turn"] * 19))  # 95 % > 90 %
-    assert not result.passed and result.metadata["by_reason"].data["empty_turn"] == 19
+    assert not result.passed and result.metadata["rejects_empty_turn"].value == 19  # a number
 
 
 def test_json_validity_check():
@@ -567,6 +568,95 @@ def test_task_mix_check():
         ["multiple_choice", "question_answering"]
     mixed = [rows[0] | {"task_mix": json.dumps(normalise_mix({"multi_turn": 1}))}, *rows[1:]]
     assert not check("instructions:task_mix", data=records(mixed)).passed
+
+
+PAPER = normalise_mix(PAPER_MIX)
+
+
+def mixed_records(counts: dict[str, int], mix: dict[str, float]) -> pl.DataFrame:
+    tasks = [task for task, n in counts.items() for _ in range(n)]
+    return records([record(i, task=task, task_mix=json.dumps(mix)) for i, task in enumerate(tasks)])
+
+
+def test_task_mix_check_says_when_a_shard_is_too_small_to_judge():
+    # 12 records in the paper's proportions (171 : 199 : 100): 4, 5, 3
+    result = check("instructions:task_mix", data=mixed_records(
+        {"multiple_choice": 4, "question_answering": 5, "complex_reasoning": 3}, PAPER))
+    minimum = result.metadata["min_records"].value
+    assert result.passed and result.metadata["too_small_to_judge"].value is True
+    assert "too small to judge: 12 records" in result.description
+    assert f"needs at least {minimum}" in result.description
+    # the minimum: z^2 p (1 - p) / tolerance^2 at the widest share (question answering, 0.42)
+    z = quality._mix_z(GATES.instruction_mix_alpha, 4)
+    p = PAPER["question_answering"]
+    assert minimum == math.ceil(z * z * p * (1 - p) / GATES.instruction_mix_tolerance ** 2)
+    for name in ("share_multiple_choice", "lower_multiple_choice", "upper_multiple_choice",
+                 "expected_multiple_choice"):
+        assert isinstance(result.metadata[name].value, float), name  # numbers, plotted
+
+
+def test_task_mix_check_fails_a_small_shard_that_is_off_beyond_chance():
+    # 12 records, every one multiple choice where the paper asks 36 %: failed at 12 records
+    result = check("instructions:task_mix", data=mixed_records({"multiple_choice": 12}, PAPER))
+    assert not result.passed
+    assert result.metadata["off"].data == ["multiple_choice"]  # 0 of 12 QA is still possible
+    assert "check stage2.task_mix" in result.description
+
+
+def test_task_mix_check_judges_a_large_shard_to_the_tolerance():
+    n = quality.mix_min_records(PAPER, GATES.instruction_mix_tolerance,
+                                GATES.instruction_mix_alpha, 4)
+    share = {"multiple_choice": 0.364, "question_answering": 0.423, "complex_reasoning": 0.213}
+    close = {t: round(s * n) for t, s in share.items()}
+    judged = check("instructions:task_mix", data=mixed_records(close, PAPER))
+    assert judged.passed and judged.metadata["too_small_to_judge"].value is False
+    # 12 points too few multiple-choice records, made question answering: off beyond 0.05
+    skew = {"multiple_choice": round(0.244 * n), "question_answering": round(0.543 * n),
+            "complex_reasoning": close["complex_reasoning"]}
+    result = check("instructions:task_mix", data=mixed_records(skew, PAPER))
+    assert not result.passed and "multiple_choice" in result.metadata["off"].data
+
+
+def test_wilson_interval_matches_a_hand_computation():
+    # 0 of 10 at z = 2: upper = z^2 / (n + z^2) = 4 / 14
+    assert quality.wilson_interval(0, 10, 2.0) == pytest.approx((0.0, 4 / 14))
+    low, high = quality.wilson_interval(5, 10, 2.0)  # centred on 0.5, half-width 2*sqrt(.025+.01)/1.4
+    assert (low + high) / 2 == pytest.approx(0.5)
+    assert high - 0.5 == pytest.approx(2 * math.sqrt(0.025 + 0.01) / 1.4)
+
+
+def test_json_validity_check_judges_first_attempt_and_final_validity():
+    first_bad = record(1, attempts=2, attempt_reasons=["invalid_json"])
+    good = records([record(0), first_bad])
+    strict = QualityGates(instruction_min_json_validity=0.0,
+                          instruction_min_json_valid_first_attempt=0.9)
+    outcome = CHECKS["instructions:json_validity_rate"].outcome(
+        {"a": {"instructions": good, "instruction_rejects": rejects([])}}, strict)
+    assert not outcome.passed and outcome.metadata["json_valid_first_attempt"] == 0.5
+    assert "first attempt 50.0% (min 90%)" in outcome.description
+    assert CHECKS["instructions:json_validity_rate"].outcome(
+        {"a": {"instructions": records([record(0)]), "instruction_rejects": rejects([])}},
+        strict).passed
+    # two of three records end in invalid JSON: final validity 1/3 under the default 0.5
+    final = CHECKS["instructions:json_validity_rate"].outcome(
+        {"a": {"instructions": records([record(0)]),
+               "instruction_rejects": rejects(["invalid_json", "truncated"])}},
+        QualityGates(instruction_min_json_validity=0.0))
+    assert not final.passed and final.metadata["json_valid_final"] == pytest.approx(1 / 3)
+    # a reject that failed a record rule had valid JSON: final validity 2/3 passes
+    assert CHECKS["instructions:json_validity_rate"].outcome(
+        {"a": {"instructions": records([record(0)]),
+               "instruction_rejects": rejects(["restates_question", "invalid_json"])}},
+        QualityGates(instruction_min_json_validity=0.0)).passed
+
+
+def test_mc_rationale_check():
+    with_reason = record(0, "multiple_choice", GOOD, mc_rationale=["a dog barks"])
+    without = record(1, "multiple_choice", GOOD, mc_rationale=[""])
+    assert check("instructions:mc_rationale", data=records([with_reason, record(2)])).passed
+    result = check("instructions:mc_rationale", data=records([with_reason, without, without]))
+    assert not result.passed and result.metadata["mc_rationale_share"].value == pytest.approx(1 / 3)
+    assert check("instructions:mc_rationale", data=records([record(2)])).passed  # none to judge
 
 
 def test_mc_letter_reply_check():
@@ -622,7 +712,7 @@ def test_quality_rules_for_stage2():
     assert quality.min_rate(0.9, 0.8, "JSON validity", 10).passed
     assert not quality.min_rate(0.7, 0.8, "JSON validity", 10).passed
     assert quality.mix_within_tolerance({}, {"a": 1.0}, 0.05).passed  # nothing to measure
-    # 4 records cannot show a 25 % share precisely: the binomial slack lets 2 of 4 pass
+    # 4 records cannot show a 25 % share precisely: its Wilson interval lets 2 of 4 pass
     assert quality.mix_within_tolerance({"a": 2, "b": 2}, {"a": 0.25, "b": 0.75}, 0.05).passed
     assert not quality.mix_within_tolerance({"a": 200, "b": 200}, {"a": 0.25, "b": 0.75},
                                             0.05).passed

@@ -61,7 +61,8 @@ def test_null_rates():
                                .otherwise(pl.col("caption")).alias("caption"))
     outcome = quality.null_rates(holes, ["seed_id", "caption"], 0.2)
     assert not outcome.passed and "caption" in outcome.description
-    assert outcome.metadata["null_rates"] == {"seed_id": 0.0, "caption": 0.25}
+    assert (outcome.metadata["null_rate_seed_id"], outcome.metadata["null_rate_caption"]) == \
+        (0.0, 0.25)
     assert quality.null_rates(holes, ["seed_id", "caption"], 0.25).passed
     # a column the check does not cover may be null (label is null for caption seeds)
     assert quality.null_rates(frame, ["seed_id"], 0.0).passed
@@ -71,13 +72,14 @@ def test_length_distribution():
     words = pl.Series([30, 40, 50, 60, 70])
     outcome = quality.length_distribution(words, 20, 220, 300)
     assert outcome.passed
-    assert outcome.metadata["words"] == {"min": 30, "median": 50.0, "p95": 70.0, "max": 70}
+    assert outcome.metadata == {"words_min": 30, "words_median": 50.0, "words_p5": 32.0,
+                                "words_p95": 68.0, "words_max": 70}  # interpolated as numpy
 
 
 @pytest.mark.parametrize("words, why", [
     ([5, 8, 10, 12, 40], "median 10"),  # too short for min_median 20
     ([250, 260, 270, 280, 290], "median 270"),  # too long
-    ([30, 30, 30, 30, 900], "p95 900"),  # a long tail
+    ([30, 30, 30, 30, 900], "p95 726"),  # a long tail: 30 + 0.8 * 870
     ([], "no captions"),
 ])
 def test_length_distribution_out_of_bounds(words, why):
@@ -85,11 +87,18 @@ def test_length_distribution_out_of_bounds(words, why):
     assert not outcome.passed and why in outcome.description
 
 
+def test_length_distribution_p5_floor():
+    words = pl.Series([10, 40, 50, 60, 70])  # p5 = 10 + 0.2 * 30 = 16
+    assert quality.length_distribution(words, 20, 220, 300, min_p5=15).passed
+    short_tail = quality.length_distribution(words, 20, 220, 300, min_p5=30)
+    assert not short_tail.passed and "p5 16 (min 30)" in short_tail.description
+
+
 def test_reject_rate():
     outcome = quality.reject_rate(kept=9, rejected=1, max_rate=0.1, by_reason={"too_short": 1})
     assert outcome.passed
     assert outcome.metadata == {"reject_rate": 0.1, "rejected": 1, "total": 10,
-                                "by_reason": {"too_short": 1}}
+                                "rejects_too_short": 1}
     assert quality.reject_rate(0, 0, 0.0).passed  # an empty shard rejects nothing
     failing = quality.reject_rate(kept=8, rejected=2, max_rate=0.1)
     assert not failing.passed and "20.0%" in failing.description
