@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import dagster as dg
 import numpy as np
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from unicorn_resources.batching import OomBatcher
 
@@ -101,6 +101,13 @@ class OpenClipResource(ClipResource):
     long_text: Literal["truncate", "chunk_mean"] = "truncate"
     chunk_overlap: int = Field(16, ge=0, le=64)  # tokens two neighbouring windows share
     max_chunks: int = Field(8, ge=1, le=64)  # windows per text at most; tokens past them are cut
+
+    @field_validator("pretrained", "cache_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """An empty value is no value: compose passes an unset `.env` entry as "" (it cannot
+        leave a variable out), and "" would read as a weights tag."""
+        return None if value == "" else value
 
     _model: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)

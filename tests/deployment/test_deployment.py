@@ -49,7 +49,9 @@ def compose_cli() -> list[str]:
         return [docker, "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    pytest.skip("no compose CLI here: install Docker's compose plugin or Debian's docker-compose")
+    pytest.fail("no compose CLI here, so docker/ cannot be validated: install Debian's "
+                "docker-compose (`sudo apt-get install docker-compose`, as .ci/run does) or "
+                "Docker's compose plugin", pytrace=False)
 
 
 def compose_config(*files: str, env: dict[str, str], profile: str | None = None
@@ -125,6 +127,234 @@ def test_no_secret_has_a_default_and_every_image_is_pinned():
     for line in (DOCKER / "Dockerfile").read_text().splitlines():
         if line.startswith("ARG PYTHON_VERSION="):
             assert line.split("=")[1].count(".") == 2, line  # a patch release
+
+
+# --- every service as `docker-compose config` resolves it, against what the images expect ---------
+
+INSTANCE_SERVICES = ("code", "webserver", "daemon")  # the processes that open docker/dagster.yaml
+# Each secret and the services that need it; no other service may receive it.
+SECRET_USERS = {"POSTGRES_PASSWORD": {"postgres", *INSTANCE_SERVICES},
+                "MINIO_ROOT_PASSWORD": {"minio", "minio-init", "code"},
+                "UNICORN_LLM_API_KEY": {"code", "llm", "vllm"}}
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict:
+    """The whole stack, GPU override and profile included, resolved by the compose CLI, with a
+    distinct value per secret so that each can be traced to where it lands."""
+    env = {name: f"secret-{name.lower()}-value" for name in SECRETS}
+    result = compose_config(*COMPOSE_FILES, env=env, profile="gpu")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    config["_secrets"] = env
+    return config
+
+
+def _ports(spec: dict) -> list[tuple[str, str, str]]:
+    """(host address, published port, container port) of each binding, in compose v1's short
+    syntax ("127.0.0.1:3000:3000/tcp") or v2's long one."""
+    out = []
+    for port in spec.get("ports", []):
+        if isinstance(port, dict):
+            out.append((port.get("host_ip", ""), str(port.get("published", "")),
+                        str(port["target"])))
+        else:
+            parts = str(port).split("/")[0].split(":")
+            host = parts[0] if len(parts) == 3 else ""
+            out.append((host, parts[-2] if len(parts) > 1 else "", parts[-1]))
+    return out
+
+
+def _mounts(spec: dict) -> list[tuple[str, str, bool]]:
+    """(source, target, read_only) of each mount, short or long syntax."""
+    out = []
+    for volume in spec.get("volumes", []):
+        if isinstance(volume, dict):
+            out.append((volume["source"], volume["target"], bool(volume.get("read_only"))))
+        else:
+            source, target, *mode = volume.split(":")
+            out.append((source, target, mode == ["ro"]))
+    return out
+
+
+def _on_named_volume(spec: dict, path: str, declared: dict) -> bool:
+    return any(source in declared and (path == target or path.startswith(target.rstrip("/") + "/"))
+               for source, target, _ in _mounts(spec))
+
+
+def _argv(spec: dict) -> str:
+    """The service's command line as one string (entrypoint and command)."""
+    parts = []
+    for key in ("entrypoint", "command"):
+        value = spec.get(key) or []
+        parts += [value] if isinstance(value, str) else [str(v) for v in value]
+    return " ".join(parts)
+
+
+def _flag(argv: list[str] | str, name: str) -> str:
+    words = argv.split() if isinstance(argv, str) else argv
+    return words[words.index(name) + 1]
+
+
+def dockerfile_stage(target: str) -> list[str]:
+    """The instructions of one stage of docker/Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (DOCKER / "Dockerfile").read_text())
+    stage, out = None, []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stage = line.split(" AS ")[-1].strip() if " AS " in line else None
+        elif stage == target and line.strip() and not line.startswith("#"):
+            out.append(line.strip())
+    return out
+
+
+def test_compose_publishes_nothing_but_loopback_ports(stack):
+    """Dagster OSS has no login and the other services trust their network: only the webserver
+    and MinIO publish ports, and on 127.0.0.1 only (DAGSTER_WEBSERVER_BIND unset)."""
+    published = {name for name, spec in stack["services"].items() if spec.get("ports")}
+    assert published == {"webserver", "minio"}
+    for name in published:
+        for host, _, _ in _ports(stack["services"][name]):
+            assert host == "127.0.0.1", (name, stack["services"][name]["ports"])
+    webserver = stack["services"]["webserver"]
+    assert [(h, p) for h, p, t in _ports(webserver)] == [("127.0.0.1", "3000")]
+    assert _ports(webserver)[0][2] == _flag(webserver["command"], "--port")
+
+
+def test_the_code_server_serves_where_the_workspace_and_healthcheck_look(stack):
+    services = stack["services"]
+    (entry,) = yaml.safe_load((DOCKER / "workspace.yaml").read_text())["load_from"]
+    grpc = entry["grpc_server"]
+    assert grpc["host"] in services
+    code = services[grpc["host"]]
+    # The code image's CMD serves it (compose overrides neither entrypoint nor command).
+    assert "command" not in code and "entrypoint" not in code
+    (cmd,) = [json.loads(line[4:]) for line in dockerfile_stage("code") if line.startswith("CMD ")]
+    assert cmd[:3] == ["dagster", "api", "grpc"]
+    assert int(_flag(cmd, "--port")) == grpc["port"]
+    assert _flag(cmd, "--location-name") == grpc["location_name"]
+    dagster_tool = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["tool"]
+    assert _flag(cmd, "--module-name") == dagster_tool["dagster"]["module_name"]
+    assert _flag(cmd, "--attribute") == "defs"
+    assert f"EXPOSE {grpc['port']}" in dockerfile_stage("code")
+    assert _flag(code["healthcheck"]["test"], "--port") == str(grpc["port"])
+    # The webserver and the daemon read the workspace file where the dagster image puts it.
+    (copy,) = [line for line in dockerfile_stage("dagster") if "docker/workspace.yaml" in line]
+    workspace_in_image = copy.split()[-1]
+    for name in ("webserver", "daemon"):
+        assert _flag(_argv(services[name]), "--workspace") == workspace_in_image, name
+
+
+def test_every_instance_process_gets_what_dagster_yaml_reads(stack):
+    """Each process that opens the instance has every variable docker/dagster.yaml reads, and
+    they name the compose PostgreSQL with its own user, database and password."""
+    services = stack["services"]
+    wanted = set(re.findall(r"\{env: (\w+)\}", (DOCKER / "dagster.yaml").read_text()))
+    assert {"DAGSTER_POSTGRES_PASSWORD", "DAGSTER_COMPUTE_LOG_DIR"} <= wanted
+    postgres = services["postgres"]["environment"]
+    for name in INSTANCE_SERVICES:
+        env = services[name]["environment"]
+        assert wanted <= set(env), (name, sorted(wanted - set(env)))
+        assert env["DAGSTER_POSTGRES_HOST"] in services and env["DAGSTER_POSTGRES_PORT"] == "5432"
+        for key in ("USER", "DB", "PASSWORD"):
+            assert env[f"DAGSTER_POSTGRES_{key}"] == postgres[f"POSTGRES_{key}"], (name, key)
+        # The instance's dagster.yaml is in the image, under the DAGSTER_HOME it sets.
+        stage = "code" if name == "code" else "dagster"
+        lines = dockerfile_stage(stage) + (dockerfile_stage("code-base") if name == "code" else [])
+        home = next(re.search(r"DAGSTER_HOME=(\S+)", line)[1] for line in lines
+                    if "DAGSTER_HOME=" in line)
+        assert any(line.startswith("COPY docker/dagster.yaml") and
+                   line.split()[-1].replace("${DAGSTER_HOME}", home) == f"{home}/dagster.yaml"
+                   for line in dockerfile_stage(stage)), name
+    # Runs write their compute logs in `code`; the webserver shows them: one volume, one path.
+    logs = services["code"]["environment"]["DAGSTER_COMPUTE_LOG_DIR"]
+    sources = {name: {s for s, t, _ in _mounts(services[name]) if t == logs}
+               for name in ("code", "webserver")}
+    assert sources["code"] and sources["code"] == sources["webserver"]
+    assert sources["code"] <= set(stack["volumes"])
+
+
+def test_the_code_location_gets_every_setting_the_docker_profile_reads(stack):
+    """Compose passes the code container only the variables it lists (docker/.env feeds only
+    the ${...} in the compose file), so each variable the docker profile reads must be listed,
+    or the .env value never reaches the profile."""
+    services = stack["services"]
+    code = services["code"]
+    env = code["environment"]
+    assert env["UNICORN_PROFILE"] == "docker"
+    profile_text = (ROOT / "dagster_project" / "profiles" / "docker.yaml").read_text()
+    wanted = set(re.findall(r"\{env: (\w+)", profile_text))
+    assert wanted - set(env) == set()
+    # Local state (LLM response cache, model weights, local data) lies on a named volume.
+    for key in ("UNICORN_LLM_CACHE", "HF_HOME", "UNICORN_CLIP_CACHE", "UNICORN_DATA_DIR"):
+        assert _on_named_volume(code, env[key], stack["volumes"]), (key, env[key])
+    # Data and seeds are in the bucket that minio-init creates and fills, through MinIO's API.
+    init = _argv(services["minio-init"])
+    bucket = re.search(r"mc mb \S+ local/(\S+)", init)[1]
+    assert env["UNICORN_DATA_URI"].startswith(f"s3://{bucket}/")
+    target = re.search(r"mc mirror \S+ (\S+) local/(\S+)", init)
+    assert env["UNICORN_SEEDS"] == f"s3://{target[2]}"
+    ((seeds_source, _, read_only),) = [m for m in _mounts(services["minio-init"])
+                                       if m[1] == target[1]]
+    assert read_only and (DOCKER / seeds_source).resolve().is_dir()
+    endpoint = env["AWS_ENDPOINT_URL"].removeprefix("http://").split(":")
+    assert endpoint[0] in services and endpoint[1] == "9000"  # MinIO's S3 API
+    assert _flag(_argv(services["minio"]), "server") == "/data"
+    assert _on_named_volume(services["minio"], "/data", stack["volumes"])
+    assert _on_named_volume(services["postgres"], "/var/lib/postgresql/data", stack["volumes"])
+    # The default LLM URL names the llm service and the port its server listens on.
+    llm_host, llm_port = env["UNICORN_LLM_URL"].removeprefix("http://").split("/")[0].split(":")
+    assert llm_host == "llm" and _flag(_argv(services["llm"]), "--port") == llm_port
+    assert _flag(_argv(services["llm"]), "--model_alias") == env["UNICORN_LLM_MODEL"]
+
+
+def test_each_secret_reaches_only_its_services_and_never_a_command_line(stack, monkeypatch):
+    """A secret travels in the environment of the services that use it, never in a command line
+    (`ps` and `docker inspect`'s Args show those to everyone on the host)."""
+    for secret, value in stack["_secrets"].items():
+        holders = {name for name, spec in stack["services"].items()
+                   if value in json.dumps(spec.get("environment", {}))}
+        assert holders == SECRET_USERS[secret], secret
+        for name, spec in stack["services"].items():
+            argv = _argv(spec)
+            assert value not in argv and secret not in argv, (name, secret)
+    # The LLM servers read their key from the environment, under the name each one reads:
+    # llama.cpp's server settings read API_KEY (checked here on the installed server) and vLLM's
+    # OpenAI server VLLM_API_KEY (vllm/envs.py; `--api-key` takes precedence when given).
+    services = stack["services"]
+    key = stack["_secrets"]["UNICORN_LLM_API_KEY"]
+    assert services["llm"]["environment"]["API_KEY"] == key
+    assert services["vllm"]["environment"]["VLLM_API_KEY"] == key
+    import argparse
+
+    from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
+    from llama_cpp.server.settings import ServerSettings, Settings
+
+    monkeypatch.setenv("API_KEY", key)
+    parser = argparse.ArgumentParser()
+    add_args_from_model(parser, Settings)
+    args = parser.parse_args(["--model", "m.gguf"])
+    assert parse_model_from_args(ServerSettings, args).api_key == key
+
+
+def test_dependencies_wait_for_states_their_services_can_report(stack):
+    services = stack["services"]
+    for name, spec in services.items():
+        depends = spec.get("depends_on") or {}
+        for other, how in (depends.items() if isinstance(depends, dict) else []):
+            condition = how["condition"]
+            if condition == "service_healthy":
+                assert services[other].get("healthcheck"), (name, other)
+            elif condition == "service_completed_successfully":
+                assert services[other].get("restart") == "no", (name, other)
+    for name in INSTANCE_SERVICES:
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("webserver", "daemon"):
+        assert services[name]["depends_on"]["code"]["condition"] == "service_healthy"
+    # Every named volume a service mounts is declared; every bind mount exists in the repository.
+    for name, spec in services.items():
+        for source, _, _ in _mounts(spec):
+            assert source in stack["volumes"] or Path(source).exists(), (name, source)
 
 
 # --- Helm values ------------------------------------------------------------------------------------
@@ -330,6 +560,7 @@ def test_the_docker_profile_matches_the_compose_stack(monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "UNICORN_LLM_API_KEY"):
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("UNICORN_CLIP_PRETRAINED", "")  # what compose passes for an unset entry
     from dagster_project.definitions import build_definitions
 
     defs = build_definitions("docker")
@@ -338,6 +569,7 @@ def test_the_docker_profile_matches_the_compose_stack(monkeypatch):
     assert io.s3.endpoint_url == "http://minio:9000"
     assert isinstance(io.s3.secret_access_key, dg.EnvVar)
     assert defs.resources["llm"].base_urls == ["http://llm:8000/v1"]
+    assert defs.resources["clip"].pretrained is None  # random weights, not a tag named ""
     assert defs.get_sensor_def("new_seed_shards").default_status == dg.DefaultSensorStatus.RUNNING
     nightly = next(s for s in defs.sensors if s.name == "nightly_regeneration")
     assert nightly.default_status == dg.DefaultSensorStatus.RUNNING
