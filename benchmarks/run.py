@@ -115,6 +115,9 @@ def markdown(report: dict[str, Any]) -> str:
         error = report["benchmarks"].get(name, {}).get("error")
         if error:
             lines.append(f"| {name} | **failed** | | | | | | {error[:300]} |")
+    from benchmarks import capacity  # arithmetic at the paper's scale, from stated inputs
+
+    lines += ["", capacity.markdown(capacity.MEASURED).strip()]
     findings = ROOT / "benchmarks" / "FINDINGS.md"
     if findings.exists():
         lines += ["", findings.read_text(encoding="utf-8").strip()]
