@@ -255,9 +255,9 @@ def test_the_shipped_definitions_show_both_sensors():
 def test_the_profile_run_config_goes_into_the_version(seed_dir, tmp_path):
     resources = make_resources(tmp_path / "data", seed_dir, llm=FakeLLM())
     profile = {"run_config": {"unicorn_shard_job": {"ops": {
-        "expand_captions": {"config": {"expansions_per_seed": 1}}}}}}
+        "expand_captions": {"config": {"max_tokens": 200}}}}}}  # the default is 384
     op_configs = profile_op_config(profile)
-    assert op_configs == {"expand_captions": {"expansions_per_seed": 1}}
+    assert op_configs == {"expand_captions": {"max_tokens": 200}}
 
     def version(configs):
         (asset,) = [a for a in with_recipe_versions([expand_captions], resources, configs)]
