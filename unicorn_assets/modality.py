@@ -228,10 +228,12 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
                         ) -> Iterator[dg.Output | dg.AssetCheckResult]:
     method = config.transfer.method
     if method in modality.NEEDS_IMAGES and not config.reference_images:
-        raise ValueError(f"transfer method {method} needs reference images (their mean"
+        # a setting to fix, not a transient failure: no retry
+        raise dg.Failure(f"transfer method {method} needs reference images (their mean"
                          f"{' and covariance trace' if method == 'realign' else ''}): set "
                          "ops.modality_statistics.config.reference_images to a folder of real "
-                         "images, or use transfer.method mean_shift (the paper's)")
+                         "images, or use transfer.method mean_shift (the paper's)",
+                         allow_retries=False)
     # the exports leave out a caption whose exact text an earlier shard has: so does the mean
     duplicates = duplicate_caption_ids(expanded_captions)
     text, shards = modality.text_statistics(caption_embeddings, exclude=duplicates)

@@ -148,8 +148,8 @@ def test_a_change_of_method_or_its_parameters_marks_the_shift_stale(corpus):
     realigned = realign_stats(lazy, images)
     again = ModalityStatistics.from_frame(realigned.to_frame())
     assert again.version == realigned.version and again.scale == pytest.approx(realigned.scale)
-    base = dict(mu_image=realigned.mu_image, trace_text=realigned.trace_text,
-                trace_image=realigned.trace_image)
+    base = {"mu_image": realigned.mu_image, "trace_text": realigned.trace_text,
+                "trace_image": realigned.trace_image}
     versions = {method: stats_of(summary, realigned.mu_image, method).version
                 for method in ("mean_shift", "mean_shift_to_image_mean", "none")}
     versions["realign"] = realigned.version
@@ -211,7 +211,7 @@ def test_realign_and_none_follow_their_formulas(corpus, method):
     else:
         u = vectors.astype(np.float64)
         mu_t, mu_i = u.mean(axis=0), images.mean(axis=0)
-        trace = lambda x: ((x - x.mean(axis=0)) ** 2).sum(axis=1).mean()  # noqa: E731
+        trace = lambda x: ((x - x.mean(axis=0)) ** 2).sum(axis=1).mean()
         s = np.sqrt(trace(images) / trace(u))
         y = mu_i + s * (u - mu_t)
         y /= np.linalg.norm(y, axis=1, keepdims=True)
@@ -336,6 +336,11 @@ def failed(result: dg.ExecuteInProcessResult) -> set[str]:
             and not e.asset_check_evaluation_data.passed}
 
 
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    return " ".join(m.message for m in (error, error.cause) if m is not None)
+
+
 def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_dir, fake_llm):
     resources = make_resources(tmp_path / "data", seed_dir, llm=fake_llm)
     for key in ("shard-a", "shard-b"):
@@ -358,6 +363,7 @@ def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_di
     np.testing.assert_allclose(stats.mu_image, expected, atol=1e-5)
     meta = corpus.asset_materializations_for_node("modality_statistics")[0].metadata
     assert meta["transfer"].value["image_count"] == images
+
     assert "untrained" in meta["model_note"].value
     # the paper's transfer by default: mu_image is computed and shipped, not added
     assert stats.method == "mean_shift" and meta["transfer"].value["method"] == "mean_shift"
@@ -375,8 +381,35 @@ def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_di
         raise_on_error=False, run_config={"ops": {"modality_statistics": {"config": {
             "transfer": {"method": "mean_shift_to_image_mean"}}}}})
     assert not refused.success
-    error = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "reference_images" in error.step_failure_data.error.cause.message
+    assert "reference_images" in failure_message(refused)
+
+    # realign on the real images: its checks pass (the unnormalised mean lands on mu_image), its
+    # image trace is the images' own, and the new method gives a new statistics version
+    def corpus_run(config: dict, **kwargs) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [*STAGE3, modality_statistics, transferred_embeddings, *stage3_checks],
+            selection=[modality_statistics, transferred_embeddings], instance=instance,
+            resources=resources, run_config={"ops": {"modality_statistics": {"config": config}}},
+            **kwargs)
+
+    realigned = corpus_run({"reference_images": str(COCO_PAIRS.parent),
+                            "transfer": {"method": "realign"}})
+    assert realigned.success and not failed(realigned), failed(realigned)
+    new = ModalityStatistics.from_frame(
+        pl.read_parquet(tmp_path / "data" / "modality_statistics.parquet"))
+    assert new.method == "realign" and new.version != stats.version
+    encoded = OpenClipResource().encode_images(
+        [Image.open(p) for p in modality.reference_images(COCO_PAIRS.parent)]).astype(np.float64)
+    direct = ((encoded - encoded.mean(axis=0)) ** 2).sum(axis=1).mean()
+    assert new.trace_image == pytest.approx(direct, rel=1e-4)
+    shifted = pl.read_parquet(tmp_path / "data" / "transferred_embeddings.parquet")
+    assert shifted["statistics_version"].unique().to_list() == [new.version]
+    # realign without reference images is refused, naming the setting
+    refused = corpus_run({"transfer": {"method": "realign"}}, raise_on_error=False)
+    assert not refused.success
+    message = failure_message(refused)
+    assert "realign needs reference images" in message
+    assert "ops.modality_statistics.config.reference_images" in message
 
 
 class BrokenClip(OpenClipResource):
