@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +35,8 @@ from unicorn_assets.logic.modality import (
     realign_trace,
     transfer_arrays,
 )
+from unicorn_assets.logic.quality import Outcome
+from unicorn_resources.keys import is_inside
 
 METHODS = ("none", "mean_shift", "mean_shift_to_image_mean", "realign")
 FIGURES = {
@@ -59,6 +63,53 @@ class PairedSet:
         if len(self.image_of) != len(self.text) or not (
                 0 <= np.min(self.image_of) and np.max(self.image_of) < len(self.images)):
             raise ValueError("every caption needs the row of its own image")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    captions: list[str]
+    images: list[Path]  # distinct, in order of first mention
+    image_of: np.ndarray  # (len(captions),) index into images
+
+
+def read_pairs(path: str | Path, max_pairs: int) -> Pairs:
+    """The first `max_pairs` lines of a pairs.jsonl: {"image": a path relative to the file's
+    folder, "caption": its text}. An image path leaving that folder, a missing file or a line
+    without both keys is refused, naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"the paired reference set {path} does not exist: set "
+                                "alignment_report's pairs to a pairs.jsonl, or null")
+    captions, images, image_of, row_of = [], [], [], {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if len(captions) >= max_pairs:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image, caption = record["image"], record["caption"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a JSON object with keys image and caption "
+                                 f"({err})") from None
+            if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"{path}:{number}: image must be a path and caption a non-empty "
+                                 "text")
+            file = path.parent / image
+            if Path(image).is_absolute() or not is_inside(str(path.parent), str(file)):
+                raise ValueError(f"{path}:{number}: image {image!r} lies outside {path.parent}: "
+                                 "give a path relative to the pairs file's folder")
+            if file not in row_of:
+                if not file.is_file():
+                    raise FileNotFoundError(f"{path}:{number}: image {image!r} is missing")
+                row_of[file] = len(images)
+                images.append(file)
+            captions.append(caption)
+            image_of.append(row_of[file])
+    if not captions:
+        raise ValueError(f"{path} holds no pairs")
+    return Pairs(captions, images, np.asarray(image_of, dtype=np.int64))
 
 
 def _summary(rows: np.ndarray) -> EmbeddingSummary:
@@ -153,6 +204,25 @@ def alignment_figures(paired: PairedSet, k: int = 10, model_id: str = "reference
     """{method: {figure: value}} for every method, each fitted on the reference set."""
     return {method: method_figures(paired, fit(paired, method, model_id, pretrained), k)
             for method in METHODS}
+
+
+RANGES = {"centroid_gap": (0.0, 2.0), "pair_cosine": (-1.0, 1.0), "r_at_1": (0.0, 1.0),
+          "r_at_5": (0.0, 1.0), "knn_overlap": (0.0, 1.0), "trace_ratio": (0.0, np.inf)}
+
+
+def figures_in_range(figures: dict[str, dict[str, float]]) -> Outcome:
+    """Every figure finite and in its range (unit vectors: a gap of at most 2, cosines in [-1, 1],
+    shares in [0, 1], a positive trace ratio), R@1 <= R@5, and `none` keeps every neighbour."""
+    bad = [f"{method}/{name}={value}" for method, values in figures.items()
+           for name, value in values.items()
+           if not (np.isfinite(value) and RANGES[name][0] - 1e-9 <= value <= RANGES[name][1] + 1e-9)]
+    bad += [f"{method}: r_at_1 > r_at_5" for method, values in figures.items()
+            if values["r_at_1"] > values["r_at_5"]]
+    if "none" in figures and abs(figures["none"]["knn_overlap"] - 1.0) > 1e-12:
+        bad.append("none/knn_overlap != 1")
+    return Outcome(not bad, f"{sum(map(len, figures.values()))} figures of {len(figures)} methods"
+                   + (f"; out of range: {', '.join(bad)}" if bad else ", all in range"),
+                   {"out_of_range": len(bad)})
 
 
 def figures_markdown_table(figures: dict[str, dict[str, float]]) -> str:

@@ -6,6 +6,8 @@ equals a direct numpy computation written out here."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,37 @@ def test_recall_and_overlap_edge_cases():
     assert markdown.startswith("![alignment by method](data:image/png;base64,")
     table = alignment.figures_markdown_table(alignment.alignment_figures(paired, k=3))
     assert table.count("\n") == 1 + len(alignment.METHODS)
+
+
+def test_figures_in_range_rule():
+    figures = alignment.alignment_figures(synthetic(0.5))
+    assert alignment.figures_in_range(figures).passed
+    for broken in ({"r_at_1": 0.9, "r_at_5": 0.5}, {"pair_cosine": float("nan")},
+                   {"trace_ratio": -1.0}, {"centroid_gap": 2.5}):
+        bad = {**figures, "realign": {**figures["realign"], **broken}}
+        outcome = alignment.figures_in_range(bad)
+        assert not outcome.passed and outcome.metadata["out_of_range"] >= 1
+    moved = {**figures, "none": {**figures["none"], "knn_overlap": 0.5}}
+    assert not alignment.figures_in_range(moved).passed
+
+
+def test_read_pairs_refuses_bad_lines(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")
+    pairs = tmp_path / "pairs.jsonl"
+    good = json.dumps({"image": "a.jpg", "caption": "a cat"})
+    pairs.write_text("\n".join([good, good.replace("cat", "dog")]) + "\n")
+    read = alignment.read_pairs(pairs, max_pairs=10)
+    assert read.captions == ["a cat", "a dog"] and read.images == [image]
+    assert read.image_of.tolist() == [0, 0]
+    assert alignment.read_pairs(pairs, max_pairs=1).captions == ["a cat"]
+    for line, message in ((json.dumps({"image": "/etc/passwd", "caption": "x"}), "outside"),
+                          (json.dumps({"image": "b.jpg", "caption": "x"}), "missing"),
+                          (json.dumps({"caption": "x"}), "keys image and caption"),
+                          ("not json", "keys image and caption"),
+                          (json.dumps({"image": "a.jpg", "caption": " "}), "non-empty")):
+        pairs.write_text(good + "\n" + line + "\n")
+        with pytest.raises((ValueError, FileNotFoundError), match=f"{pairs}:2: .*{message}"):
+            alignment.read_pairs(pairs, max_pairs=10)
+    with pytest.raises(FileNotFoundError, match="set alignment_report's pairs"):
+        alignment.read_pairs(tmp_path / "nope.jsonl", 10)
