@@ -244,6 +244,10 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
     mu_image, trace_image, image_count, drift = None, None, 0, None
     if config.reference_images:
         images, image_count = image_summary(clip, config.reference_images)
+        if images.dim != text.dim:
+            raise ValueError(f"the reference images embed to {images.dim} dimensions, the captions "
+                             f"to {text.dim}: encode both with one CLIP model (re-materialise "
+                             "caption_embeddings with the clip resource)")
         mu_image, trace_image = images.mean, images.trace
     if method == "realign":  # its centroid step needs the mean of its trace step: a second pass
         drift = modality.realign_drift(caption_embeddings, text.mean, mu_image,
