@@ -157,10 +157,11 @@ def write_seed_shards(folder: Path, shards: dict[str, list[dict[str, Any]]]) -> 
 
 
 @contextmanager
-def pipeline(tmp: Path, seed_dir: Path, llm: dict[str, Any], jobs: list) -> Iterator[tuple]:
+def pipeline(tmp: Path, seed_dir: Path, llm: dict[str, Any], jobs: list,
+             clip: dict[str, Any] | None = None) -> Iterator[tuple]:
     """(instance, Definitions) as the `unicorn` CLI has them: a persistent on-disk DagsterInstance
     (DAGSTER_HOME-style, no test settings) and the project's assets and checks, with the `local`
-    profile's resources pointed at `tmp` and the given LLM section."""
+    profile's resources pointed at `tmp` and the given LLM (and clip) section."""
     import dagster as dg
 
     from dagster_project.definitions import ASSET_CHECKS, ASSETS
@@ -170,6 +171,8 @@ def pipeline(tmp: Path, seed_dir: Path, llm: dict[str, Any], jobs: list) -> Iter
     profile["storage"] = {**profile.get("storage", {}), "base_uri": str(tmp / "data")}
     profile["seeds"] = {**profile.get("seeds", {}), "location": str(seed_dir)}
     profile["llm"] = llm
+    if clip:
+        profile["clip"] = {**profile.get("clip", {}), **clip}
     defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=jobs,
                           resources=build_resources(profile))
     home = tmp / "dagster_home"

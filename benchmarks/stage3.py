@@ -33,6 +33,7 @@ from benchmarks.common import (
     pipeline,
     workdir,
 )
+from tests.support import COCO_PAIRS
 
 FULL = {"captions": 4096, "batch_size": 256, "runs": 3,
         "corpus_rows": 262_144, "corpus_shards": 4, "dim": 768,
@@ -151,20 +152,48 @@ def write_corpus(data: Path, rows: int, shards: int, dim: int, model_id: str,
     return keys
 
 
+WIDE_CLIP = "tiny-clip-wide"
+
+
+def wide_clip_config(folder: Path, dim: int) -> Path:
+    """The tiny CLIP's config with an embedding width of `dim` (random weights), so the reference
+    images embed as wide as the benchmark's caption embeddings."""
+    from unicorn_resources.clip import BUNDLED_MODEL_CONFIGS
+
+    config = json.loads((Path(BUNDLED_MODEL_CONFIGS) / "tiny-clip.json").read_text())
+    path = folder / f"{WIDE_CLIP}.json"
+    path.write_text(json.dumps({**config, "embed_dim": dim}))
+    return path
+
+
+def transfer_config(method: str) -> dict[str, Any]:
+    """modality_statistics' run config for `method`: realign (and mean_shift_to_image_mean) take
+    their image statistics from the 79 real COCO images in ../shared/data."""
+    config: dict[str, Any] = {"transfer": {"method": method}}
+    if method in ("realign", "mean_shift_to_image_mean"):
+        config["reference_images"] = str(COCO_PAIRS.parent)
+    return {"ops": {"modality_statistics": {"config": config}}}
+
+
 def corpus_run(tmp: Path, rows: int, shards: int, dim: int, runs: int,
-               row_group_size: int | None = None) -> list[dict[str, Any]]:
+               row_group_size: int | None = None, method: str = "mean_shift"
+               ) -> list[dict[str, Any]]:
     """Materialise statistics -> transfer -> pretrain export (and their checks) `runs` times over a
-    corpus of rows x dim float32 embeddings."""
+    corpus of rows x dim float32 embeddings, with transfer `method`."""
     from unicorn_assets.partitions import SEED_SHARDS
 
-    with pipeline(tmp, tmp / "seeds", {"backend": "fake"}, [corpus_job]) as (instance, defs):
+    clip = None
+    if method in ("realign", "mean_shift_to_image_mean"):  # image statistics of the corpus width
+        clip = {"model_name": WIDE_CLIP, "model_config_path": str(wide_clip_config(tmp, dim))}
+    with pipeline(tmp, tmp / "seeds", {"backend": "fake"}, [corpus_job], clip) as (instance, defs):
         keys = write_corpus(tmp / "data", rows, shards, dim, defs.resources["clip"].model_id,
                             row_group_size)
         instance.add_dynamic_partitions(SEED_SHARDS, keys)
         job, results = defs.resolve_job_def("bench_stage3_corpus"), []
         for _ in range(runs):
             started = time.perf_counter()
-            result = job.execute_in_process(instance=instance, raise_on_error=False)
+            result = job.execute_in_process(instance=instance, raise_on_error=False,
+                                            run_config=transfer_config(method))
             seconds = time.perf_counter() - started
             if not result.success:
                 raise RuntimeError(f"Stage 3 corpus run failed; failed checks "
@@ -211,20 +240,25 @@ def corpus_rows(size: dict[str, Any]) -> list[Row]:
 def memory_rows(size: dict[str, Any]) -> list[Row]:
     """Peak RSS of the corpus path in a subprocess: at a small and at the large size with the
     shard files as the IO manager writes them, and at the large size with polars' default row
-    groups (512^2 rows: how the IO manager wrote them before ROW_GROUP_ROWS)."""
+    groups (512^2 rows: how the IO manager wrote them before ROW_GROUP_ROWS), with the default
+    transfer (mean_shift); and at the large size with realign (its statistics take a second
+    streamed pass for the drift)."""
     dim, small, large = size["dim"], *size["memory_rows"]
     peaks = {}
-    for label, rows, groups in (("small", small, 0), ("large", large, 0),
-                                ("large_default_row_groups", large, POLARS_ROW_GROUP_ROWS)):
+    for label, rows, groups, method in (
+            ("small", small, 0, "mean_shift"), ("large", large, 0, "mean_shift"),
+            ("large_default_row_groups", large, POLARS_ROW_GROUP_ROWS, "mean_shift"),
+            ("large_realign", large, 0, "realign")):
         with workdir("stage3-memory") as tmp:
             rc, peak, wall = peak_rss(
                 [sys.executable, "-m", "benchmarks.stage3", "--child", str(tmp), str(rows),
-                 str(size["memory_shards"]), str(dim), str(groups)], dict(os.environ),
+                 str(size["memory_shards"]), str(dim), str(groups), method], dict(os.environ),
                 tmp / "child.log")
             if rc:
                 raise RuntimeError(f"the Stage 3 memory run at {rows:,} rows failed:\n"
                                    f"{(tmp / 'child.log').read_text()[-3000:]}")
-            peaks[label] = {"rows": rows, "input_row_group_rows": groups or "IO manager default",
+            peaks[label] = {"rows": rows, "method": method,
+                            "input_row_group_rows": groups or "IO manager default",
                             "peak_mib": round(peak, 1), "wall_seconds": round(wall, 1),
                             **json.loads((tmp / "child.json").read_text())}
     array_mib = large * dim * 4 / 2**20
@@ -237,7 +271,11 @@ def memory_rows(size: dict[str, Any]) -> list[Row]:
         note=f"{large // size['memory_shards']:,} rows per shard file; at {small:,} rows: "
         f"{peaks['small']['peak_mib']:,.0f} MiB, so the peak grows by {growth:.0%} of the added "
         f"array; with polars' default row groups ({POLARS_ROW_GROUP_ROWS:,} rows) in the shard "
-        f"files: {peaks['large_default_row_groups']['peak_mib']:,.0f} MiB",
+        f"files: {peaks['large_default_row_groups']['peak_mib']:,.0f} MiB; with transfer realign "
+        f"(its drift a second streamed pass): {peaks['large_realign']['peak_mib']:,.0f} MiB; the "
+        "statistics step alone: "
+        + ", ".join(f"{label} {peaks[label]['statistics_seconds']:.1f} s"
+                    for label in ("large", "large_realign")),
         details={"runs": peaks, "shards": size["memory_shards"]})]
 
 
@@ -245,19 +283,22 @@ def run(size: dict[str, Any]) -> list[Row]:
     return [*clip_rows(size), *corpus_rows(size), *memory_rows(size)]
 
 
-def child(folder: Path, rows: int, shards: int, dim: int, row_group_size: int) -> None:
+def child(folder: Path, rows: int, shards: int, dim: int, row_group_size: int,
+          method: str) -> None:
     """One corpus run in this process (for peak RSS): inputs written shard by shard, then the
     three corpus assets and their checks."""
     started = time.perf_counter()
-    result = corpus_run(folder, rows, shards, dim, runs=1, row_group_size=row_group_size)[0]
+    result = corpus_run(folder, rows, shards, dim, runs=1, row_group_size=row_group_size,
+                        method=method)[0]
     (folder / "child.json").write_text(json.dumps({
         "run_seconds": round(result["seconds"], 1),
+        "statistics_seconds": round(result["steps"]["modality_statistics"], 1),
         "total_seconds": round(time.perf_counter() - started, 1)}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="internal: the Stage 3 memory subprocess")
-    parser.add_argument("--child", nargs=5, required=True,
-                        metavar=("FOLDER", "ROWS", "SHARDS", "DIM", "ROW_GROUP_ROWS"))
-    folder, rows, shards, dim, groups = parser.parse_args().child
-    child(Path(folder), int(rows), int(shards), int(dim), int(groups))
+    parser.add_argument("--child", nargs=6, required=True,
+                        metavar=("FOLDER", "ROWS", "SHARDS", "DIM", "ROW_GROUP_ROWS", "METHOD"))
+    folder, rows, shards, dim, groups, method = parser.parse_args().child
+    child(Path(folder), int(rows), int(shards), int(dim), int(groups), method)

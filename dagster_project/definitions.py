@@ -17,6 +17,7 @@ from dagster_project.profiles import (
     load_profile,
     synthvlm_enabled,
 )
+from unicorn_assets.alignment_report import alignment_assets
 from unicorn_assets.caption_seeds import read_caption_seeds
 from unicorn_assets.expansion import expand_captions
 from unicorn_assets.exports import export_asset_checks, export_assets
@@ -26,7 +27,7 @@ from unicorn_assets.quality_report import report_assets
 from unicorn_assets.synthvlm import synthvlm_assets, synthvlm_checks
 
 ASSETS = [read_caption_seeds, expand_captions, make_instructions, *stage3_assets, *export_assets,
-          *report_assets]
+          *report_assets, *alignment_assets]
 # Most checks run inside their assets (check_specs); these read stored outputs back as their own
 # steps: the streamed shifted embeddings, the export folders and the pairing across assets.
 ASSET_CHECKS = [*stage3_checks, *export_asset_checks]

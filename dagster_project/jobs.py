@@ -45,7 +45,8 @@ UNICORN_CORPUS_JOB = {
     "name": "unicorn_corpus_job",
     "selection": dg.AssetSelection.groups(*CORPUS_GROUPS),
     "description": "Over every shard: corpus embedding statistics -> mean-shift transfer -> the "
-    "pretrain and instruct exports. Run it after the shards it should include.",
+    "pretrain and instruct exports; the quality and alignment reports. Run it after the shards it "
+    "should include.",
 }
 JOB_SPECS = [UNICORN_SHARD_JOB, UNICORN_CORPUS_JOB]
 

@@ -48,6 +48,7 @@ warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of functi
 
 CORPUS_GROUP = "unicorn_corpus"
 IMAGE_CHUNK = 256  # reference images opened at a time
+REALIGN_SETTLES = 10_000  # ReAlign (arXiv 2602.07026): its statistics settle at about 1e4 samples
 
 
 def clip_metadata(clip: ClipResource) -> dict:
@@ -71,11 +72,11 @@ TRANSFERRED_COLUMNS = {
     "caption_id": "the caption it embeds (expanded_captions.caption_id)",
     "caption_sha256": "SHA-256 of that caption's text: the pairing key",
     "shard": "the seed shard (partition key)",
-    "shift_norm": "L2 norm of u - mu_text (+ mu_image with mean_shift_to_image_mean) before "
-                  "normalising",
+    "shift_norm": "L2 norm of the method's last step before normalising (u - mu_text for "
+                  "mean_shift; + mu_image with mean_shift_to_image_mean; realign's centroid step)",
     "statistics_version": "the modality_statistics version it was shifted with",
-    modality.EMBEDDING: "the shifted embedding v = l2norm(u - mu_text) (+ mu_image with "
-                        "mean_shift_to_image_mean), float32",
+    modality.EMBEDDING: "the transferred embedding, float32: v = l2norm(u - mu_text) (mean_shift; "
+                        "+ mu_image with mean_shift_to_image_mean), realign's, or u (none)",
 }
 
 
@@ -160,18 +161,22 @@ def caption_embeddings(context: dg.AssetExecutionContext, clip: ClipResource,
 # --- corpus-wide -------------------------------------------------------------------------------
 
 class TransferConfig(dg.Config):
-    method: Literal["mean_shift", "mean_shift_to_image_mean"] = Field(
+    method: Literal["mean_shift", "mean_shift_to_image_mean", "realign", "none"] = Field(
         modality.DEFAULT_METHOD, description="mean_shift (the Unicorn paper's): v = l2norm(u - "
         "mu_text), real images centred by their own mean at inference; mean_shift_to_image_mean "
-        "(ours, needs reference_images): v = l2norm(u - mu_text + mu_image), real images used as "
-        "they are. Part of the statistics version: changing it marks the shift stale")
+        "(ours, needs reference_images): v = l2norm(u - mu_text + mu_image); realign (ReAlign, "
+        "arXiv 2602.07026, needs reference_images): anchor, trace (scale by sqrt(tr Sigma_image / "
+        "tr Sigma_text)) and centroid steps; none: the raw text embedding. With all but mean_shift "
+        "real images are used as they are. Part of the statistics version: changing the method or "
+        "its parameters marks the shift stale")
 
 
 class ModalityConfig(dg.Config):
     reference_images: str | None = Field(
-        None, description="a folder of real images: their mean CLIP embedding (same encoder and "
-        "normalisation) is computed and shipped in the exports for the inference transform, "
-        "whatever the method; null: none")
+        None, description="a folder of real images: their mean CLIP embedding and covariance "
+        "trace (same encoder and normalisation) are computed; the mean is shipped in the exports "
+        "for the inference transform, whatever the method; needed by mean_shift_to_image_mean and "
+        "realign; null: none")
     transfer: TransferConfig = Field(default_factory=TransferConfig)
 
 
@@ -190,7 +195,8 @@ def image_summary(clip: ClipResource, folder: str) -> tuple[modality.EmbeddingSu
 STATISTICS_SCHEMA = pl.Schema({
     "statistics_version": pl.String, "model_id": pl.String, "pretrained": pl.Boolean,
     "count": pl.Int64, "dim": pl.Int64, "shards": pl.Int64, "image_count": pl.Int64,
-    "method": pl.String, "duplicates": pl.Int64})
+    "method": pl.String, "duplicates": pl.Int64, "trace_text": pl.Float64,
+    "trace_image": pl.Float64})
 modality_statistics_checks = [
     *standard_checks("modality_statistics", schema=STATISTICS_SCHEMA,
                      id_column="statistics_version",
@@ -202,9 +208,10 @@ modality_statistics_checks = [
 
 
 @dg.asset(
-    description="Corpus-wide mean of the caption embeddings over every shard (streamed; each "
-    "exported caption text once), count, dimension, model, the transfer method, an optional "
-    "reference-image mean, and a version hash of all of it.",
+    description="Corpus-wide mean and covariance trace of the caption embeddings over every shard "
+    "(one streamed pass; each exported caption text once), count, dimension, model, the transfer "
+    "method and its parameters (realign: its drift, a second streamed pass), an optional "
+    "reference-image mean and trace, and a version hash of all of it.",
     group_name=CORPUS_GROUP,
     kinds=KINDS,
     owners=OWNERS,
@@ -220,10 +227,13 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
                         caption_embeddings: pl.LazyFrame, expanded_captions: pl.LazyFrame
                         ) -> Iterator[dg.Output | dg.AssetCheckResult]:
     method = config.transfer.method
-    if method == "mean_shift_to_image_mean" and not config.reference_images:
-        raise ValueError("transfer method mean_shift_to_image_mean needs an image mean: set "
+    if method in modality.NEEDS_IMAGES and not config.reference_images:
+        # a setting to fix, not a transient failure: no retry
+        raise dg.Failure(f"transfer method {method} needs reference images (their mean"
+                         f"{' and covariance trace' if method == 'realign' else ''}): set "
                          "ops.modality_statistics.config.reference_images to a folder of real "
-                         "images, or use transfer.method mean_shift (the paper's)")
+                         "images, or use transfer.method mean_shift (the paper's)",
+                         allow_retries=False)
     # the exports leave out a caption whose exact text an earlier shard has: so does the mean
     duplicates = duplicate_caption_ids(expanded_captions)
     text, shards = modality.text_statistics(caption_embeddings, exclude=duplicates)
@@ -231,14 +241,26 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
     if model_id != clip.model_id:
         raise ValueError(f"caption_embeddings were made by {model_id}, but the clip resource is "
                          f"{clip.model_id}: re-materialise caption_embeddings for every shard")
-    mu_image, image_count = None, 0
+    mu_image, trace_image, image_count, drift = None, None, 0, None
     if config.reference_images:
         images, image_count = image_summary(clip, config.reference_images)
-        mu_image = images.mean
+        if images.dim != text.dim:
+            raise ValueError(f"the reference images embed to {images.dim} dimensions, the captions "
+                             f"to {text.dim}: encode both with one CLIP model (re-materialise "
+                             "caption_embeddings with the clip resource)")
+        mu_image, trace_image = images.mean, images.trace
+    if method == "realign":  # its centroid step needs the mean of its trace step: a second pass
+        drift = modality.realign_drift(caption_embeddings, text.mean, mu_image,
+                                       modality.realign_scale(text.trace, trace_image),
+                                       exclude=duplicates)
+        if image_count < REALIGN_SETTLES:
+            context.log.warning(f"realign's image statistics come from {image_count} reference "
+                                f"images; ReAlign reports they settle at about {REALIGN_SETTLES}")
     stats = modality.ModalityStatistics(
         model_id=model_id, pretrained=clip.is_pretrained, count=text.count, dim=text.dim,
         mu_text=text.mean, shards=shards, image_count=image_count, mu_image=mu_image,
-        image_source=config.reference_images, method=method, duplicates=len(duplicates))
+        image_source=config.reference_images, method=method, duplicates=len(duplicates),
+        trace_text=text.trace, trace_image=trace_image, drift=drift)
     context.log.info(f"statistics {stats.version} ({method}): {stats.count} captions over "
                      f"{shards} shard(s), {len(duplicates)} duplicate(s) left out"
                      + (f", {image_count} reference images" if image_count else ""))
@@ -254,9 +276,10 @@ def modality_statistics(context: dg.AssetExecutionContext, config: ModalityConfi
 
 
 @dg.asset(
-    description="Every caption embedding moved toward the image modality: v = l2norm(u - mu_text) "
-    "(the paper's; + mu_image with mean_shift_to_image_mean), all rows with ONE statistics "
-    "version, streamed to Parquet.",
+    description="Every caption embedding moved toward the image modality by transfer.method: "
+    "v = l2norm(u - mu_text) (the paper's; + mu_image with mean_shift_to_image_mean), realign's "
+    "anchor, trace and centroid steps, or none; all rows with ONE statistics version, streamed to "
+    "Parquet.",
     group_name=CORPUS_GROUP,
     kinds=KINDS,
     owners=OWNERS,
@@ -287,8 +310,8 @@ TRANSFER_CHECKS = {
     "finite": "no NaN or Inf in any shifted embedding",
     "norms_in_range": "every L2 norm within quality_gates.embedding_norm_tolerance of 1",
     "shifted_mean": "the mean of the shifted, unnormalised embeddings (v * shift_norm) over the "
-                    "exported captions is 0 (mean_shift), or mu_image (mean_shift_to_image_mean), "
-                    "within quality_gates.transfer_mean_tolerance",
+                    "exported captions is 0 (mean_shift), mu_image (mean_shift_to_image_mean, "
+                    "realign) or mu_text (none), within quality_gates.transfer_mean_tolerance",
     "single_statistics_version": "every row was shifted with the current modality_statistics, "
                                  "and they cover every caption",
     "unique_ids": "caption_id is unique",

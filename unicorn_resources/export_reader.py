@@ -59,11 +59,17 @@ class UnicornExport:
         """A real image's embedding (same encoder, one (dim,) vector or (n, dim) rows) mapped as
         the manifest's inference_transform says. For the paper's mean_shift that is
         l2norm(e - mu_image): pass the mean over your own images as `mu_image` (the paper), or
-        leave it None to use the reference-image mean the export ships."""
+        leave it None to use the reference-image mean the export ships. For
+        mean_shift_to_image_mean, realign and none: e itself (l2-normalised), since the training
+        vectors were moved to the images (or, with none, not moved at all)."""
         e = np.asarray(e, dtype=np.float64)
         e = e / np.linalg.norm(e, axis=-1, keepdims=True)
-        if self.manifest["transfer"]["method"] == "mean_shift_to_image_mean":
+        method = self.manifest["transfer"]["method"]
+        if method in ("mean_shift_to_image_mean", "realign", "none"):
             return e.astype(np.float32)
+        if method != "mean_shift":
+            raise ValueError(f"this export's transfer method {method!r} is unknown to this reader: "
+                             "update unicorn_resources/export_reader.py")
         if mu_image is None:
             mu_image = self.statistics().get("mu_image")
         if mu_image is None:

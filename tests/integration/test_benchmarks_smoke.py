@@ -77,7 +77,8 @@ def test_stage1_and_backends_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_stage3_smoke(tmp_path):
-    """The tiny CLIP encoder, and the corpus path in-process and in three memory subprocesses."""
+    """The tiny CLIP encoder, and the corpus path in-process and in four memory subprocesses (the
+    last with transfer realign)."""
     report = run_suite(["stage3"], tmp_path)
     rows = {r["measure"].split(",")[0]: r for r in report["benchmarks"]["stage3"]["rows"]}
     corpus = rows["GB/s of float32"]["details"]
@@ -88,6 +89,8 @@ def test_stage3_smoke(tmp_path):
         "POLARS_ROW_GROUP_ROWS", "from benchmarks.stage3 import POLARS_ROW_GROUP_ROWS")
     assert {run["input_row_group_rows"] for run in memory.values()} == {
         "IO manager default", polars_row_group_rows}
+    assert memory["large_realign"]["method"] == "realign"
+    assert memory["large_realign"]["statistics_seconds"] > 0
 
 
 def test_synthvlm_memory_smoke(tmp_path):

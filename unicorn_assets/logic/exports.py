@@ -278,6 +278,8 @@ array (for trainers that `json.load` the data file).
 INFERENCE_LINE = {
     "mean_shift": "e' = l2norm(e - mu_image), mu_image the mean over your images (the paper).",
     "mean_shift_to_image_mean": "use e as it is (the vectors were moved to the image mean).",
+    "realign": "use e as it is (ReAlign moved the vectors into the image distribution).",
+    "none": "use e as it is (no transfer was applied; the modality gap remains).",
 }
 
 

@@ -415,7 +415,7 @@ def test_streamed_safetensors_and_pickle_equal_the_library_writers(tmp_path: Pat
     np.testing.assert_array_equal(np.stack([i["embed"] for i in items]), np.concatenate(chunks))
 
 
-@pytest.mark.parametrize("method", ["mean_shift", "mean_shift_to_image_mean"])
+@pytest.mark.parametrize("method", ["mean_shift", "mean_shift_to_image_mean", "realign", "none"])
 def test_the_manifest_states_the_inference_transform_and_the_reader_applies_it(
         tmp_path: Path, source, method):
     frame, _, stats = source
@@ -423,9 +423,15 @@ def test_the_manifest_states_the_inference_transform_and_the_reader_applies_it(
     images = rng.standard_normal((9, DIM)) + 1.0
     images /= np.linalg.norm(images, axis=1, keepdims=True)
     mu_image = images.mean(axis=0)
-    stats = ModalityStatistics("clip", False, stats.count, DIM, stats.mu_text, shards=2,
-                               image_count=9, mu_image=mu_image, image_source="imgs", method=method)
+    image_summary = modality.EmbeddingSummary()
+    image_summary.add(images)
     embedded = modality.caption_embeddings_frame(frame, np.eye(12, DIM, dtype=np.float32), "clip")
+    text = modality.summarise(embedded)
+    scale = modality.realign_scale(text.trace, image_summary.trace)
+    stats = ModalityStatistics("clip", False, text.count, DIM, text.mean, shards=2,
+                               image_count=9, mu_image=mu_image, image_source="imgs", method=method,
+                               trace_text=text.trace, trace_image=image_summary.trace,
+                               drift=modality.realign_drift(embedded, text.mean, mu_image, scale))
     build(tmp_path / "out", export.pretrain_records(frame.lazy(), PROMPTS),
           modality.transfer(embedded.lazy(), stats), stats)
     data = UnicornExport(tmp_path / "out")

@@ -100,9 +100,12 @@ def test_statistics_version_follows_content():
     additive = stats_of(summary, mu_image=np.ones(DIM) / 3, method="mean_shift_to_image_mean")
     assert additive.version != with_image.version
     assert ModalityStatistics.from_frame(additive.to_frame()).method == "mean_shift_to_image_mean"
-    with pytest.raises(ValueError, match="needs an image mean: set modality_statistics' "
+    with pytest.raises(ValueError, match="needs reference images .* set modality_statistics' "
                        "reference_images"):
         stats_of(summary, method="mean_shift_to_image_mean")
+    with pytest.raises(ValueError, match="realign needs reference images .*covariance trace.* "
+                       "set modality_statistics' reference_images"):
+        stats_of(summary, method="realign")
     with pytest.raises(ValueError, match="unknown transfer method"):
         stats_of(summary, method="shift")
     legacy = stats.to_frame().drop("method")
@@ -111,6 +114,53 @@ def test_statistics_version_follows_content():
     tampered = stats.to_frame().with_columns(pl.lit(99, dtype=pl.Int64).alias("count"))
     with pytest.raises(ValueError, match="does not match its content"):
         ModalityStatistics.from_frame(tampered)
+
+
+def realign_stats(lazy, vectors_image: np.ndarray, **changes) -> ModalityStatistics:
+    text, _ = modality.text_statistics(lazy)
+    images = modality.EmbeddingSummary()
+    images.add(vectors_image)
+    params = {"trace_text": text.trace, "trace_image": images.trace, "mu_image": images.mean,
+              **changes}
+    scale = modality.realign_scale(params["trace_text"], params["trace_image"])
+    drift = modality.realign_drift(lazy, text.mean, params["mu_image"], scale, batch_rows=4)
+    return ModalityStatistics("m", False, text.count, DIM, text.mean, shards=3,
+                              image_count=len(vectors_image), image_source="imgs",
+                              method="realign", drift=drift, **params)
+
+
+def test_covariance_traces_come_from_the_same_streamed_pass(corpus):
+    lazy, vectors = corpus
+    summary, _ = modality.text_statistics(lazy, batch_rows=4)
+    direct = np.trace(np.cov(vectors.astype(np.float64).T, bias=True))
+    assert summary.trace == pytest.approx(direct, rel=1e-9)
+    images = modality.EmbeddingSummary()
+    images.add(unit_rows(9, 5, offset=1.0))
+    assert images.trace < summary.trace  # a tighter cone: a smaller total variance
+
+
+def test_a_change_of_method_or_its_parameters_marks_the_shift_stale(corpus):
+    """The statistics version covers the method and its parameters (traces, drift): any change
+    gives a new version, which single_statistics_version then refuses for the old rows."""
+    lazy, _ = corpus
+    images = unit_rows(9, 5, offset=1.0)
+    summary, _ = modality.text_statistics(lazy)
+    realigned = realign_stats(lazy, images)
+    again = ModalityStatistics.from_frame(realigned.to_frame())
+    assert again.version == realigned.version and again.scale == pytest.approx(realigned.scale)
+    base = {"mu_image": realigned.mu_image, "trace_text": realigned.trace_text,
+                "trace_image": realigned.trace_image}
+    versions = {method: stats_of(summary, realigned.mu_image, method).version
+                for method in ("mean_shift", "mean_shift_to_image_mean", "none")}
+    versions["realign"] = realigned.version
+    assert len(set(versions.values())) == 4
+    rescaled = realign_stats(lazy, images, **{**base, "trace_image": base["trace_image"] * 2})
+    assert rescaled.version != realigned.version and rescaled.scale != realigned.scale
+    old_rows = modality.summarise(modality.transfer(lazy, stats_of(summary, realigned.mu_image)),
+                                  tag="statistics_version")
+    assert not modality.single_version(old_rows, realigned).passed
+    assert modality.single_version(modality.summarise(
+        modality.transfer(lazy, realigned), tag="statistics_version"), realigned).passed
 
 
 def test_statistics_valid_rule():
@@ -143,6 +193,41 @@ def test_transfer_matches_the_formula(corpus, method, with_image):
     shifted = modality.summarise(out, weight="shift_norm", tag="statistics_version")
     assert modality.shifted_mean(shifted, stats, 1e-5).passed
     assert modality.norms_in_range(shifted, 1 - 1e-4, 1 + 1e-4).passed
+    assert modality.single_version(shifted, stats).passed
+
+
+@pytest.mark.parametrize("method", ["realign", "none"])
+def test_realign_and_none_follow_their_formulas(corpus, method):
+    """realign: y = l2norm(mu_image + s (u - mu_text)), v = l2norm(y - mean(y) + mu_image), written
+    out here in numpy; the lazy corpus query, the array function and the formula agree, and the
+    transferred vectors' unnormalised mean is the method's target."""
+    lazy, vectors = corpus
+    images = unit_rows(9, 5, offset=1.0).astype(np.float64)
+    stats = realign_stats(lazy, images)
+    if method == "none":
+        stats = ModalityStatistics("m", False, stats.count, DIM, stats.mu_text, shards=3,
+                                   method="none", trace_text=stats.trace_text)
+        expected_last = vectors.astype(np.float64)
+    else:
+        u = vectors.astype(np.float64)
+        mu_t, mu_i = u.mean(axis=0), images.mean(axis=0)
+        trace = lambda x: ((x - x.mean(axis=0)) ** 2).sum(axis=1).mean()
+        s = np.sqrt(trace(images) / trace(u))
+        y = mu_i + s * (u - mu_t)
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+        expected_last = y - y.mean(axis=0) + mu_i
+        assert stats.scale == pytest.approx(s, rel=1e-9)
+    norms = np.linalg.norm(expected_last, axis=1)
+    out = modality.transfer(lazy, stats).collect()
+    np.testing.assert_allclose(out["embedding"].to_numpy(), expected_last / norms[:, None],
+                               atol=1e-5)
+    np.testing.assert_allclose(out["shift_norm"].to_numpy(), norms, rtol=1e-5)
+    arrays, array_norms = modality.transfer_arrays(vectors, stats)
+    np.testing.assert_allclose(arrays, expected_last / norms[:, None], atol=1e-9)
+    np.testing.assert_allclose(array_norms, norms, rtol=1e-9)
+    shifted = modality.summarise(out, weight="shift_norm", tag="statistics_version")
+    assert modality.shifted_mean(shifted, stats, 1e-5).passed
+    assert not modality.shifted_mean(shifted, stats_of(shifted), 1e-5).passed  # 0 is not its aim
     assert modality.single_version(shifted, stats).passed
 
 
@@ -180,6 +265,14 @@ def test_inference_transform_names_the_image_mean(corpus):
     assert shipped["mu_image"].startswith("shipped")
     additive = stats_of(summary, np.ones(DIM) / 3, "mean_shift_to_image_mean")
     assert additive.inference_transform()["formula"].startswith("e' = e ")
+    realigned = realign_stats(lazy, unit_rows(9, 5, offset=1.0))
+    assert realigned.inference_transform()["formula"].startswith("e' = e ")
+    e = unit_rows(3, 8)
+    np.testing.assert_allclose(modality.image_side(e, realigned), e, atol=1e-7)
+    centred = e - realigned.mu_image
+    np.testing.assert_allclose(
+        modality.image_side(e, stats_of(summary, realigned.mu_image)),
+        centred / np.linalg.norm(centred, axis=1, keepdims=True), atol=1e-7)
 
 
 def test_shifted_mean_fails_when_shards_used_different_means(corpus):
@@ -243,6 +336,11 @@ def failed(result: dg.ExecuteInProcessResult) -> set[str]:
             and not e.asset_check_evaluation_data.passed}
 
 
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    return " ".join(m.message for m in (error, error.cause) if m is not None)
+
+
 def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_dir, fake_llm):
     resources = make_resources(tmp_path / "data", seed_dir, llm=fake_llm)
     for key in ("shard-a", "shard-b"):
@@ -265,6 +363,7 @@ def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_di
     np.testing.assert_allclose(stats.mu_image, expected, atol=1e-5)
     meta = corpus.asset_materializations_for_node("modality_statistics")[0].metadata
     assert meta["transfer"].value["image_count"] == images
+
     assert "untrained" in meta["model_note"].value
     # the paper's transfer by default: mu_image is computed and shipped, not added
     assert stats.method == "mean_shift" and meta["transfer"].value["method"] == "mean_shift"
@@ -282,8 +381,35 @@ def test_image_mean_from_real_reference_images(tmp_path: Path, instance, seed_di
         raise_on_error=False, run_config={"ops": {"modality_statistics": {"config": {
             "transfer": {"method": "mean_shift_to_image_mean"}}}}})
     assert not refused.success
-    error = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "reference_images" in error.step_failure_data.error.cause.message
+    assert "reference_images" in failure_message(refused)
+
+    # realign on the real images: its checks pass (the unnormalised mean lands on mu_image), its
+    # image trace is the images' own, and the new method gives a new statistics version
+    def corpus_run(config: dict, **kwargs) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [*STAGE3, modality_statistics, transferred_embeddings, *stage3_checks],
+            selection=[modality_statistics, transferred_embeddings], instance=instance,
+            resources=resources, run_config={"ops": {"modality_statistics": {"config": config}}},
+            **kwargs)
+
+    realigned = corpus_run({"reference_images": str(COCO_PAIRS.parent),
+                            "transfer": {"method": "realign"}})
+    assert realigned.success and not failed(realigned), failed(realigned)
+    new = ModalityStatistics.from_frame(
+        pl.read_parquet(tmp_path / "data" / "modality_statistics.parquet"))
+    assert new.method == "realign" and new.version != stats.version
+    encoded = OpenClipResource().encode_images(
+        [Image.open(p) for p in modality.reference_images(COCO_PAIRS.parent)]).astype(np.float64)
+    direct = ((encoded - encoded.mean(axis=0)) ** 2).sum(axis=1).mean()
+    assert new.trace_image == pytest.approx(direct, rel=1e-4)
+    shifted = pl.read_parquet(tmp_path / "data" / "transferred_embeddings.parquet")
+    assert shifted["statistics_version"].unique().to_list() == [new.version]
+    # realign without reference images is refused, naming the setting
+    refused = corpus_run({"transfer": {"method": "realign"}}, raise_on_error=False)
+    assert not refused.success
+    message = failure_message(refused)
+    assert "realign needs reference images" in message
+    assert "ops.modality_statistics.config.reference_images" in message
 
 
 class BrokenClip(OpenClipResource):
