@@ -19,8 +19,8 @@ import dagster as dg
 from benchmarks.common import Row, coco_captions, workdir
 from unicorn_assets.partitions import SEED_BACKFILL, SHARD_BACKFILL
 
-# 100 shards is the issue's figure; on 2 loaded cores it takes over 10 minutes, so the recorded
-# run used 30 (the notes say which).
+# 100 shards is the issue's figure; the recorded run used 30 (the time box of the session that
+# wrote this; 30 took about 2 minutes here): the notes say which.
 FULL = {"shards": 30, "seeds_per_shard": 4}
 SMOKE = {"shards": 3, "seeds_per_shard": 2}
 BENCH = "11. Daemon-driven throughput"
@@ -70,12 +70,13 @@ def run(config: dict[str, Any]) -> list[Row]:
                "runs_expected": expected, "succeeded": ok, "wall_seconds": round(wall, 1),
                "run_seconds_sum": round(run_seconds, 1), "step_seconds_sum": round(step_seconds, 1),
                "rows_added": added}
-    note = (f"{shards} shards x {per} seeds (100 is the issue's size: over 10 min on this loaded "
-            f"machine); {len(runs)} runs (expected {expected}: seeds 32 per run, Stage 1 8 per "
+    note = (f"{shards} shards x {per} seeds (the issue asks for 100: not measured yet, "
+            f"time box); {len(runs)} runs (expected {expected}: seeds 32 per run, Stage 1 8 per "
             f"run), all succeeded: {ok}; wall {wall:.0f} s from submit to done")
     return [
-        Row(BENCH, f"runs per minute, daemon backfill of {shards} shards on PostgreSQL",
-            len(runs) / wall * 60, "runs/min", "none", 0, note=note, details=details),
+        Row(BENCH, f"shards per minute, daemon backfill of {shards} shards on PostgreSQL",
+            shards / wall * 60, "shards/min", "runs per minute", len(runs) / wall * 60,
+            note=note + "; ratio = shards per run", details=details),
         Row(BENCH, f"s/shard wall, daemon backfill of {shards} shards (seeds + Stage 1)",
             wall / shards, "s/shard", "s/shard inside the runs' steps", step_seconds / shards,
             note=f"overhead {(wall - step_seconds) / shards:.2f} s/shard outside the steps (daemon "
