@@ -58,6 +58,8 @@ class Inputs:
     parquet_bytes_per_embedding: float = 0.0
     parquet_bytes_per_instruction_record: float = 0.0
     event_rows_per_shard_run: float = 0.0
+    # PostgreSQL rows per shard of a daemon backfill, seeds + Stage 1 (BENCHMARKS row 11c)
+    postgres_rows_per_shard_daemon: float = 19.07
 
 
 def table(i: Inputs) -> list[tuple[str, str, str]]:
@@ -111,8 +113,10 @@ def table(i: Inputs) -> list[tuple[str, str, str]]:
          f"{i.event_rows_per_shard_run * shards:,.0f}" if measured else "not measured",
          f"{i.event_rows_per_shard_run:,.0f} event-log rows per one-shard run of the demo "
          "(SQLite, in process) x shards" if measured else ""),
-        ("Postgres rows, daemon-driven", "see BENCHMARKS row 'daemon throughput' (helper i14-e2e)",
-         "**to fill**: rows per shard measured under dagster-daemon on PostgreSQL x shards"),
+        ("Postgres rows, daemon-driven (seeds + Stage 1)",
+         f"{i.postgres_rows_per_shard_daemon * shards:,.0f}",
+         f"{i.postgres_rows_per_shard_daemon:g} rows per shard (event_logs + runs) of a daemon "
+         "backfill on PostgreSQL, row 11c; the whole shard job and its checks write more"),
     ]
     if i.parquet_bytes_per_caption_at_170_tokens:
         s3 = (i.seeds * i.parquet_bytes_per_caption_at_170_tokens

@@ -25,7 +25,7 @@ from typing import Any
 from benchmarks.common import ROOT, WORK, Row, machine
 
 BENCHMARKS = ["stage1", "backends", "overhead", "cache_rerun", "dedup", "memory", "stage3",
-              "synthvlm", "faithfulness_auc", "offline_models"]
+              "synthvlm", "faithfulness_auc", "offline_models", "daemon"]
 
 
 def run_one(name: str, smoke: bool) -> dict[str, Any]:

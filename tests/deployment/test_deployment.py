@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -411,37 +410,7 @@ def test_the_cluster_profile_runs_steps_as_kubernetes_jobs(monkeypatch):
     dg.validate_run_config(job)  # the profile's k8s_job_executor config fits its schema
 
 
-# --- dagster.yaml on a real PostgreSQL --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL server on 127.0.0.1 (initdb + postgres; as the postgres user when
-    the tests run as root, which PostgreSQL refuses)."""
-    if not shutil.which("initdb") or not shutil.which("postgres"):
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="unicorn-pg-"))
-    if as_user:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run([*as_user, "initdb", "-D", str(data), "-U", "dagster", "--auth=trust"],
-                   check=True, capture_output=True, timeout=120)
-    server = subprocess.Popen([*as_user, "postgres", "-D", str(data), "-h", "127.0.0.1",
-                               "-p", str(port), "-k", str(folder)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(port)],
-                         capture_output=True, check=False).returncode != 0:
-        assert server.poll() is None, server.stderr.read().decode()
-        assert time.monotonic() < deadline, "PostgreSQL did not start"
-        time.sleep(0.3)
-    yield {"DAGSTER_POSTGRES_HOST": "127.0.0.1", "DAGSTER_POSTGRES_PORT": str(port),
-           "DAGSTER_POSTGRES_DB": "postgres", "DAGSTER_POSTGRES_USER": "dagster",
-           "DAGSTER_POSTGRES_PASSWORD": "unused-with-trust"}
-    server.terminate()
-    server.wait(timeout=30)
-    shutil.rmtree(folder, ignore_errors=True)
-
+# --- dagster.yaml on a real PostgreSQL (the session's server: tests/deployment/conftest.py) -------
 
 def test_the_shipped_dagster_yaml_loads_on_postgres(postgres, tmp_path, monkeypatch):
     env = {**postgres, "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "logs")}

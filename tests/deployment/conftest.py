@@ -1,0 +1,26 @@
+"""Fixtures of the deployment tests: one throwaway PostgreSQL server for the whole session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.deployment.daemon_stack import PG_INSTALL_HINT, postgres_bin, postgres_server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session (daemon_stack.postgres_server);
+    yields the DAGSTER_POSTGRES_* variables that docker/dagster.yaml reads. Missing server
+    binaries fail the test in CI (the CI variable set, as .ci/run does), with how to install
+    them; elsewhere they skip it with the same advice."""
+    binaries = postgres_bin()
+    if binaries is None:
+        message = f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: {PG_INSTALL_HINT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with postgres_server(binaries) as env:
+        yield env
