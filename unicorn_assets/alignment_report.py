@@ -15,6 +15,7 @@ from pydantic import Field
 from unicorn_assets.logic import alignment
 from unicorn_assets.metadata import OWNERS, stage_tags
 from unicorn_assets.modality import CORPUS_GROUP, IMAGE_CHUNK
+from unicorn_assets.partitions import GPU_OP_TAGS, MODEL_RETRY
 from unicorn_resources.clip import UNTRAINED_CLIP_NOTE, ClipResource
 
 REPORT_VERSION = "1"
@@ -85,6 +86,9 @@ def report_markdown(figures: dict[str, dict[str, float]], pairs: alignment.Pairs
         description="every figure finite and in its range (a gap of at most 2 between unit "
         "vectors, cosines in [-1, 1], shares in [0, 1], a positive trace ratio), R@1 <= R@5, and "
         "no transfer (none) keeps every neighbour")],
+    pool="gpu",  # it encodes the reference pairs with the clip resource
+    op_tags=GPU_OP_TAGS,
+    retry_policy=MODEL_RETRY,
 )
 def alignment_report(context: dg.AssetExecutionContext, config: AlignmentReportConfig,
                      clip: ClipResource) -> Iterator[dg.Output | dg.AssetCheckResult]:
