@@ -115,8 +115,8 @@ def table(i: Inputs) -> list[tuple[str, str, str]]:
          "(SQLite, in process) x shards" if measured else ""),
         ("Postgres rows, daemon-driven (seeds + Stage 1)",
          f"{i.postgres_rows_per_shard_daemon * shards:,.0f}",
-         f"{i.postgres_rows_per_shard_daemon:g} rows per shard (event_logs + runs) of a daemon "
-         "backfill on PostgreSQL, row 11c; the whole shard job and its checks write more"),
+         (f"{i.postgres_rows_per_shard_daemon:g} rows per shard (event_logs + runs) of a daemon "
+          "backfill on PostgreSQL, row 11c; the whole shard job and its checks write more")),
     ]
     if i.parquet_bytes_per_caption_at_170_tokens:
         s3 = (i.seeds * i.parquet_bytes_per_caption_at_170_tokens
