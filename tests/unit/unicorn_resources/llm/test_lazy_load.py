@@ -29,7 +29,9 @@ class CountingLlama:
 
     def create_chat_completion(self, messages, seed=None, **kwargs):
         rng = random.Random(f"{seed}|{messages}")
-        text = "The scene shows " + " ".join(rng.choice(WORDS) for _ in range(40)) + "."
+        prompt = messages[-1]["content"]  # the seed is quoted in it, and echoed as models do
+        seed = prompt.split('"')[1] if '"' in prompt else ""
+        text = f"{seed} The scene shows " + " ".join(rng.choice(WORDS) for _ in range(40)) + "."
         return {"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 42}}
 

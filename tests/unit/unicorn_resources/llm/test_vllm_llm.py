@@ -75,10 +75,11 @@ def test_missing_vllm_names_the_gpu_extra(monkeypatch, tmp_path):
         llm.generate([ChatRequest.of([{"role": "user", "content": "hi"}])], SamplingParams())
 
 
-def test_engine_gets_the_configured_arguments(fake_vllm):
+def test_engine_gets_the_configured_arguments(fake_vllm, tmp_path):
     llm = VllmLLM(model="/models/qwen.Q4_K_M.gguf", tokenizer="Qwen/Qwen2.5-7B-Instruct",
                   tensor_parallel_size=4, gpu_memory_utilization=0.8, max_model_len=4096,
-                  dtype="bfloat16", engine_args={"enforce_eager": True})
+                  dtype="bfloat16", engine_args={"enforce_eager": True},
+                  cache_path=str(tmp_path / "cache.sqlite"))  # never the working tree's cache
     with dg.build_resources({"llm": llm}) as resources:
         assert not FakeEngine.created  # loaded at the first cache miss, not at setup
         resources.llm.generate([ChatRequest.of([{"role": "user", "content": "hi"}])],
@@ -162,6 +163,6 @@ def test_a_backfill_run_loads_the_engine_once_and_sends_one_batch(fake_vllm, tmp
     mats = [m for m in result.asset_materializations_for_node("expand_captions")
             if m.asset_key.path == ["expanded_captions"]]
     assert sorted(m.partition for m in mats) == ["shard-a", "shard-b"]
-    assert len(conversations) == mats[0].metadata["llm_requests"].value == 16  # 2 shards x 4 x 2
+    assert len(conversations) == mats[0].metadata["llm_requests"].value == 8  # 2 shards x 4 seeds x 1
     assert engine.shutdowns == 1 and fake_vllm.cleanups == 1
     assert (tmp_path / "data" / "expanded_captions" / "shard-b.parquet").is_file()
