@@ -24,3 +24,25 @@ def postgres() -> Iterator[dict[str, str]]:
         pytest.skip(message)
     with postgres_server(binaries) as env:
         yield env
+
+
+@pytest.fixture
+def postgres_db(postgres: dict[str, str]) -> dict[str, str]:
+    """`postgres` with a fresh, empty database of this test's own: what another test stored on
+    the session server (the daemon end-to-end run's partitions) is not seen here."""
+    import uuid
+
+    import psycopg2
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    connection = psycopg2.connect(
+        host=postgres["DAGSTER_POSTGRES_HOST"], port=int(postgres["DAGSTER_POSTGRES_PORT"]),
+        user=postgres["DAGSTER_POSTGRES_USER"], password=postgres["DAGSTER_POSTGRES_PASSWORD"],
+        dbname=postgres["DAGSTER_POSTGRES_DB"])
+    try:
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        connection.close()
+    return {**postgres, "DAGSTER_POSTGRES_DB": name}

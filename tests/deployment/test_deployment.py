@@ -412,8 +412,8 @@ def test_the_cluster_profile_runs_steps_as_kubernetes_jobs(monkeypatch):
 
 # --- dagster.yaml on a real PostgreSQL (the session's server: tests/deployment/conftest.py) -------
 
-def test_the_shipped_dagster_yaml_loads_on_postgres(postgres, tmp_path, monkeypatch):
-    env = {**postgres, "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "logs")}
+def test_the_shipped_dagster_yaml_loads_on_postgres(postgres_db, tmp_path, monkeypatch):
+    env = {**postgres_db, "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "logs")}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     home = tmp_path / "home"
