@@ -23,14 +23,13 @@ counts with the truncated share where they are given.
 from __future__ import annotations
 
 import base64
-import io
 import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import polars as pl
 
-from unicorn_assets.logic import expansion, faithfulness, instructions, tokens
+from unicorn_assets.logic import expansion, faithfulness, images, instructions, tokens
 from unicorn_assets.logic.text import words
 
 NAN = float("nan")
@@ -193,22 +192,10 @@ def embedding_figures(embeddings: pl.DataFrame, token_counts: pl.DataFrame | Non
 
 def word_histogram_png(n_words: pl.Series, bins: int = 20, title: str = "caption length") -> bytes:
     """A small PNG histogram of caption lengths in words, with its n and mean in the legend."""
-    from matplotlib.figure import Figure
-
     values = np.asarray(pl.Series(n_words).drop_nulls().to_numpy(), dtype=float)
-    figure = Figure(figsize=(5, 3), dpi=80)
-    axes = figure.subplots()
-    label = f"n={values.size}" + (f", mean {values.mean():.0f}" if values.size else "")
-    axes.hist(values, bins=bins if values.size else 1, color="#4477aa", label=label)
-    axes.set_title(title)
-    axes.set_xlabel("words")
-    axes.set_ylabel("captions")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
+    label = "captions" + (f", mean {values.mean():.0f}" if values.size else "")
+    return images.histogram_png(title, {label: values}, bins=bins, xlabel="words",
+                                ylabel="captions")
 
 def word_histogram_markdown(n_words: pl.Series, title: str = "caption length in words") -> str:
     """The histogram as a Markdown image with a data: URI (Dagster shows it in the UI)."""

@@ -84,8 +84,9 @@ def thumbnail_data_uri(image: Image.Image, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_image(thumb, "png")).decode("ascii")
 
 
-def histogram_png(title: str, series: Mapping[str, Sequence[float]], bins: int = 20) -> bytes:
-    """Overlaid histograms (e.g. before / after selection) as a PNG."""
+def histogram_png(title: str, series: Mapping[str, Sequence[float]], bins: int = 20,
+                  xlabel: str | None = None, ylabel: str = "images") -> bytes:
+    """Overlaid histograms (e.g. before / after selection) as a PNG, each labelled with its n."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5, 3), dpi=80)
@@ -96,7 +97,9 @@ def histogram_png(title: str, series: Mapping[str, Sequence[float]], bins: int =
     for (label, _), data in zip(series.items(), values):
         axes.hist(data[np.isfinite(data)], bins=edges, alpha=0.6, label=f"{label} (n={data.size})")
     axes.set_title(title)
-    axes.set_ylabel("images")
+    if xlabel:
+        axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.legend(fontsize="small")
     figure.tight_layout()
     buffer = io.BytesIO()
