@@ -59,7 +59,7 @@ class Inputs:
     parquet_bytes_per_instruction_record: float = 0.0
     event_rows_per_shard_run: float = 0.0
     # PostgreSQL rows per shard of a daemon backfill, seeds + Stage 1 (BENCHMARKS row 11c)
-    postgres_rows_per_shard_daemon: float = 19.07
+    postgres_rows_per_shard_daemon: float = 18.87
 
 
 def table(i: Inputs) -> list[tuple[str, str, str]]:

@@ -6,6 +6,7 @@ their captions through this module too."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,18 @@ def coco_captions(n: int, offset: int = 0, one_per_image: bool = True) -> list[d
     if not COCO_CAPTIONS.exists():
         pytest.fail(f"{COCO_CAPTIONS} is missing: the tests read real captions from ../shared/data")
     return read_coco_captions(n, offset, one_per_image)
+
+
+def stop_process(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, `grace` seconds to exit, then SIGKILL: a server a test started."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:

@@ -18,6 +18,8 @@ from typing import Any, Self
 
 from websockets.sync.client import connect
 
+from tests.support import stop_process
+
 INSTALL = ("headless Chromium is needed for the UI test: install Debian's package with "
            "`sudo apt-get update && sudo apt-get install -y chromium` (.ci/run does it in CI)")
 
@@ -122,9 +124,5 @@ class Browser:
         try:
             self._ws.close()
         finally:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+            stop_process(self._process, grace=10)
             self._profile.cleanup()

@@ -20,7 +20,7 @@ import pytest
 
 from tests.deployment.browser import INSTALL, Browser, chromium_path
 from tests.deployment.test_deployment import BIN, free_port
-from tests.support import ROOT
+from tests.support import ROOT, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +76,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
         graphql(url, "mutation { setNuxSeen }")  # the UI's first-visit dialog would cover the page
         yield url, tmp / "data"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
 
 
 def test_every_figure_is_a_number_in_the_graphql_api(ui):

@@ -25,7 +25,7 @@ from dagster_project.dagster_internal import (
     PROJECT_ROOT,
 )
 from dagster_project.instance import open_instance
-from tests.support import coco_captions, write_jsonl
+from tests.support import coco_captions, stop_process, write_jsonl
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_resources.storage import Catalog
 
@@ -320,9 +320,4 @@ def test_the_ui_reexecutes_a_run_started_by_the_cli(env, tmp_path: Path):
         assert child.parent_run_id == parent.run_id
         assert child.tags["dagster/partition"] == "coco-a"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
