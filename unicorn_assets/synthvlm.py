@@ -28,7 +28,7 @@ from unicorn_assets.logic import synthvlm as logic
 from unicorn_assets.logic.exports import drop_duplicate_captions
 from unicorn_assets.logic.prompts import load_lines, load_prompt_set
 from unicorn_assets.logic.quality import Outcome
-from unicorn_assets.logic.text import excerpt, stable_int
+from unicorn_assets.logic.text import caption_sha256_series, excerpt, stable_int
 from unicorn_assets.metadata import (
     OWNERS,
     add_shard_metadata,
@@ -457,13 +457,14 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
     for key, shard in split_by_shard(synthetic_images, context.partition_keys).items():
         parts = []
         for chunk in shard.iter_slices(config.chunk_size):
-            images = []
+            images, digests = [], []
             for uri in chunk["uri"]:
                 data = read(uri)
                 if data is None:
                     raise FileNotFoundError(f"{uri}: image file of shard {key} is missing; "
                                             "re-materialise synthetic_images for this shard")
                 images.append(img.decode_image(data))
+                digests.append(img.sha256(data))  # of the bytes scored, not the row's claim
             texts = logic.clipscore_texts(chunk["caption"].to_list(), config.prompt_prefix)
             cosine, clipped, clipscore = logic.clip_scores(clip.encode_images(images),
                                                            clip.encode_text(texts))
@@ -476,6 +477,8 @@ def image_scores(context: dg.AssetExecutionContext, config: ScoreConfig, clip: C
                 pl.lit(ssim_size, dtype=pl.Int32).alias("ssim_size"),
                 pl.lit(clip.model_id).alias("clip_model_id"),
                 pl.lit(clip.is_pretrained).alias("clip_pretrained"),
+                pl.Series("sha256", digests, dtype=pl.String),
+                caption_sha256_series(chunk["caption"]),
             ))
         out[key] = pl.concat(parts) if parts else pl.DataFrame(schema=logic.SCORE_SCHEMA)
     meta = {"shards_in_run": len(out), "clip_model": clip.model_id, "ssim_size": ssim_size,
@@ -527,14 +530,9 @@ def synthvlm_selection(context: dg.AssetExecutionContext, config: SelectionConfi
                        synthetic_images: pl.LazyFrame) -> Iterator[dg.Output | dg.AssetCheckResult]:
     scores = image_scores.collect()
     images = synthetic_images.collect()
-    unscored = images.join(scores, on="image_id", how="anti")
-    if unscored.height:
-        shards = sorted(set(unscored["shard"]))
-        raise ValueError(f"{unscored.height} image(s) have no score (shards {shards}): "
-                         "materialise image_scores for those shards, then select again")
-    joined = scores.join(images.select("image_id", "seed_id", "caption", "uri", "format",
-                                       "sha256", "model_id", "pretrained"),
-                         on="image_id", how="inner")
+    joined = logic.pair_scores(images.select("image_id", "seed_id", "shard", "caption", "uri",
+                                             "format", "sha256", "model_id", "pretrained"),
+                               scores).drop("shard_image", "caption_sha256")
     selection = logic.select_pairs(joined, config.score_lambda, config.top_fraction, config.top_k)
     summary = logic.selection_summary(selection)
     histograms = _histograms(io_manager, selection)

@@ -20,6 +20,7 @@ from dagster_project.jobs import JOBS, SYNTHVLM_JOBS
 from tests.support import ROOT, coco_captions, make_resources, write_jsonl
 from unicorn_assets.logic.images import decode_image
 from unicorn_assets.logic.synthvlm import verify_export, verify_image_files
+from unicorn_assets.logic.text import caption_sha256
 from unicorn_assets.partitions import SEED_SHARDS
 from unicorn_assets.synthvlm import file_reader, synthvlm_assets, synthvlm_checks
 
@@ -207,12 +208,17 @@ def test_top_k_exports_k_distinct_captions_when_the_best_two_read_the_same(branc
         pl.col("rank").is_not_null()).sort("rank")
     best, second = ranked.head(2).iter_rows(named=True)
     path = data / "synthetic_images" / f"{second['shard']}.parquet"
-    original = pl.read_parquet(path)
+    scores_path = data / "image_scores" / f"{second['shard']}.parquet"
+    original, original_scores = pl.read_parquet(path), pl.read_parquet(scores_path)
     select = [dg.AssetKey("synthvlm_selection"), dg.AssetKey("synthvlm_dataset")]
+    twin_text = pl.col("caption_id") == second["caption_id"]
     try:
-        original.with_columns(pl.when(pl.col("caption_id") == second["caption_id"])
-                              .then(pl.lit(best["caption"])).otherwise("caption")
-                              .alias("caption")).write_parquet(path)
+        # the caption's text, and the digest of the text its scores were made from, both changed
+        original.with_columns(pl.when(twin_text).then(pl.lit(best["caption"]))
+                              .otherwise("caption").alias("caption")).write_parquet(path)
+        original_scores.with_columns(pl.when(twin_text).then(pl.lit(caption_sha256(
+            best["caption"]))).otherwise("caption_sha256").alias("caption_sha256")
+        ).write_parquet(scores_path)
         result = dg.materialize(
             ASSETS + synthvlm_assets, selection=select, resources=branch["defs"].resources,
             instance=branch["instance"], raise_on_error=False,
@@ -231,6 +237,7 @@ def test_top_k_exports_k_distinct_captions_when_the_best_two_read_the_same(branc
         assert manifest["selection"]["target_k"] == 3
     finally:
         original.write_parquet(path)
+        original_scores.write_parquet(scores_path)
         assert dg.materialize(ASSETS + synthvlm_assets, selection=select,
                               resources=branch["defs"].resources,
                               instance=branch["instance"]).success
@@ -299,6 +306,44 @@ def test_rerendering_is_deterministic_and_removes_orphans(branch):
     for image_id, uri in one.select("image_id", "uri").iter_rows():
         pixels = np.asarray(decode_image(Path(uri).read_bytes()), dtype=np.int16)
         assert np.abs(pixels - first_pixels[image_id]).max() <= 2
+
+
+def test_selection_refuses_scores_of_an_image_rendered_again_until_it_is_rescored(branch):
+    """Stage 1 re-made a caption with another text: its image id stays, the image is rendered
+    again, and the scores of the old picture must not be paired with the new one."""
+    data: Path = branch["data"]
+    path = data / "synthvlm_candidates" / "shard-a.parquet"
+    candidates = pl.read_parquet(path)
+    changed = candidates["caption_id"][0]
+    candidates.with_columns(pl.when(pl.col("caption_id") == changed)
+                            .then(pl.lit("A small green boat floats on a calm grey lake."))
+                            .otherwise(pl.col("caption")).alias("caption")).write_parquet(path)
+    shard_job = branch["defs"].resolve_job_def("synthvlm_job")
+    rendered = shard_job.execute_in_process(instance=branch["instance"], partition_key="shard-a",
+                                            asset_selection=[dg.AssetKey("synthetic_images")])
+    assert rendered.success
+    images = pl.read_parquet(data / "synthetic_images" / "shard-a.parquet")
+    scores = pl.read_parquet(data / "image_scores" / "shard-a.parquet")
+    stale = images.filter(pl.col("caption_id") == changed).join(
+        scores.select("image_id", pl.col("sha256").alias("scored")), on="image_id")
+    assert stale.height > 0 and (stale["sha256"] != stale["scored"]).all()
+
+    corpus_job = branch["defs"].resolve_job_def("synthvlm_corpus_job")
+    refused = corpus_job.execute_in_process(instance=branch["instance"], raise_on_error=False)
+    assert not refused.success
+    (failure,) = [e for e in refused.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "synthvlm_selection"
+    assert (f"{stale.height} image(s) have no score of their own content ({stale.height} scored "
+            "with another image or caption text, 0 never scored; shards ['shard-a'])"
+            in failure.event_specific_data.error.to_string())
+
+    rescored = shard_job.execute_in_process(instance=branch["instance"], partition_key="shard-a",
+                                            asset_selection=[dg.AssetKey("image_scores")])
+    assert rescored.success
+    assert corpus_job.execute_in_process(instance=branch["instance"]).success
+    selection = pl.read_parquet(data / "synthvlm_selection.parquet")
+    assert set(selection.filter(pl.col("caption_id") == changed)["sha256"]) \
+        <= set(stale["sha256"])
 
 
 def _cli(tmp_path: Path, enabled: bool) -> subprocess.CompletedProcess:

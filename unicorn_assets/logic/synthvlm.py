@@ -24,7 +24,7 @@ import polars as pl
 from unicorn_assets.logic import images
 from unicorn_assets.logic.expansion import repeated_trigram_ratio
 from unicorn_assets.logic.quality import Outcome
-from unicorn_assets.logic.text import stable_id, stable_int, words
+from unicorn_assets.logic.text import caption_sha256_series, stable_id, stable_int, words
 
 CANDIDATE_SCHEMA = pl.Schema({
     "caption_id": pl.String,
@@ -69,6 +69,9 @@ SCORE_SCHEMA = pl.Schema({
     "ssim_size": pl.Int32,
     "clip_model_id": pl.String,
     "clip_pretrained": pl.Boolean,
+    # what was scored: the SHA-256 of the image bytes read and of the caption text (caption_sha256)
+    "sha256": pl.String,
+    "caption_sha256": pl.String,
 })
 SELECTION_SCHEMA = pl.Schema({
     "image_id": pl.String,
@@ -248,6 +251,31 @@ def plan_renders(candidates: pl.DataFrame, images_per_caption: int) -> pl.DataFr
     ]
     return pl.DataFrame(rows, schema={name: IMAGE_SCHEMA[name] for name in (
         "image_id", "caption_id", "seed_id", "shard", "caption", "image_index", "seed")})
+
+
+SCORED_CONTENT = ("image_id", "sha256", "caption_sha256")
+
+
+def pair_scores(images: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """Each image row with its score, joined on the image id AND the digests of what was scored:
+    the image's bytes and its caption's text. `image_id` names a place (caption id, index); a
+    caption re-made with another text, or an image rendered again, keeps its id. A score of other
+    content is stale; an image without a score of its own content is refused, naming its shards."""
+    missing = [c for c in SCORED_CONTENT if c not in scores.columns]
+    if missing:
+        raise ValueError(f"image_scores has no {', '.join(missing)} column(s): scored before "
+                         "scores carried digests; re-materialise image_scores for every shard")
+    images = images.with_columns(caption_sha256_series(images["caption"]))
+    joined = scores.join(images, on=list(SCORED_CONTENT), how="inner", suffix="_image")
+    unpaired = images.join(scores, on=list(SCORED_CONTENT), how="anti")
+    if unpaired.height:
+        stale = unpaired.join(scores.select("image_id"), on="image_id", how="semi")
+        raise ValueError(
+            f"{unpaired.height} image(s) have no score of their own content ({stale.height} "
+            f"scored with another image or caption text, {unpaired.height - stale.height} never "
+            f"scored; shards {sorted(set(unpaired['shard']))}): materialise image_scores for "
+            "those shards, then select again")
+    return joined
 
 
 CLIPSCORE_PREFIX = "A photo depicts"

@@ -16,6 +16,7 @@ from unicorn_assets.logic import images as img
 from unicorn_assets.logic import synthvlm as sv
 from unicorn_assets.logic.exports import drop_duplicate_captions
 from unicorn_assets.logic.prompts import load_lines
+from unicorn_assets.logic.text import caption_sha256
 
 COCO_IMAGES = SHARED_DATA / "coco_mini_val2017" / "images"
 # Picked by measuring the 384-px COCO mini images upscaled to 1024 px: a busy street scene loses
@@ -375,3 +376,41 @@ def test_llava_records():
                                                            "i2": "images/x/i2.png"})
     with pytest.raises(ValueError, match="no brief-description prompts"):
         sv.llava_records(selected, (), {})
+
+
+def _images_and_scores() -> tuple[pl.DataFrame, pl.DataFrame]:
+    images = pl.DataFrame({"image_id": ["i0", "i1"], "shard": ["s", "s"],
+                           "caption": ["a red bus", "two dogs"], "sha256": ["d0", "d1"]})
+    scores = pl.DataFrame({"image_id": ["i0", "i1"], "ssim": [0.5, 0.6], "sha256": ["d0", "d1"],
+                           "caption_sha256": [caption_sha256(t) for t in images["caption"]]})
+    return images, scores
+
+
+def test_scores_pair_with_the_images_of_the_content_they_scored():
+    images, scores = _images_and_scores()
+    joined = sv.pair_scores(images, scores)
+    assert dict(zip(joined["image_id"], joined["ssim"])) == {"i0": 0.5, "i1": 0.6}
+
+
+@pytest.mark.parametrize("change", ["caption", "sha256"])
+def test_a_score_of_another_caption_text_or_image_file_is_refused(change):
+    images, scores = _images_and_scores()
+    # the same image id, re-made: Stage 1 gave the caption another text, or the image was rendered again
+    images = images.with_columns(pl.when(pl.col("image_id") == "i1")
+                                 .then(pl.lit("three cats" if change == "caption" else "d9"))
+                                 .otherwise(pl.col(change)).alias(change))
+    with pytest.raises(ValueError, match=r"1 image\(s\) have no score of their own content \(1 "
+                       r"scored with another image or caption text, 0 never scored; shards \['s'\]"):
+        sv.pair_scores(images, scores)
+
+
+def test_scores_made_before_digests_are_refused_with_the_fix():
+    images, scores = _images_and_scores()
+    with pytest.raises(ValueError, match="re-materialise image_scores"):
+        sv.pair_scores(images, scores.drop("caption_sha256"))
+
+
+def test_an_image_never_scored_is_refused():
+    images, scores = _images_and_scores()
+    with pytest.raises(ValueError, match=r"\(0 scored with another image or caption text, 1 never"):
+        sv.pair_scores(images, scores.filter(pl.col("image_id") == "i0"))
