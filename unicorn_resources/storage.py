@@ -18,6 +18,7 @@ import dagster as dg
 import fsspec
 import polars as pl
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 from pydantic import Field
 
 from unicorn_resources.keys import UnsafeKeyError, key_path, key_problem
@@ -185,8 +186,9 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
 
     Locally: write a hidden temporary file beside it (see TEMP_MARK), then rename over it; the
     file gets the mode open() gives (0644 under umask 022). Temporaries left in the folder by
-    dead writers are removed first (see sweep_stale_temps). On an object store an object appears only when its upload
-    completes, so a direct write is already atomic.
+    dead writers are removed first (see sweep_stale_temps). On an object store an object appears
+    only when its upload completes; a write that raises is discarded (its multipart upload
+    aborted), never completed: closing the file would publish what was written so far.
     """
     if is_local(fs):
         target = Path(path)
@@ -202,8 +204,17 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
         finally:
             tmp.unlink(missing_ok=True)
     else:
-        with fs.open(path, "wb") as handle:
+        handle = fs.open(path, "wb")
+        try:
             write(handle)
+        except BaseException:
+            if isinstance(handle, AbstractBufferedFile):
+                handle.discard()
+                handle.closed = True  # close() would upload the buffer
+            else:
+                handle.close()
+            raise
+        handle.close()
 
 
 # Rows per Parquet row group. Streaming readers decode whole row groups, several at a time, so this

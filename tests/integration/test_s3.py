@@ -10,13 +10,14 @@ import boto3
 import dagster as dg
 import polars as pl
 import pytest
+import s3fs
 from moto.server import ThreadedMotoServer
 
 from dagster_project.profiles import build_resources, load_profile
 from tests.support import coco_captions, materialize_shard, sensor_for, tick
 from unicorn_assets.caption_seeds import read_shard
 from unicorn_resources.seed_source import SeedSource
-from unicorn_resources.storage import S3Options, write_bytes
+from unicorn_resources.storage import S3Options, atomic_write, write_bytes
 
 BUCKET = "unicorn-test"
 
@@ -177,3 +178,29 @@ def test_the_image_and_export_writer_replaces_objects_whole(s3):
     assert keys_under(client, bucket, "exports/") == ["exports/manifest.json"]
     body = client.get_object(Bucket=bucket, Key="exports/manifest.json")["Body"].read()
     assert json.loads(body) == {"version": 2}
+
+
+class WriterDied(Exception):
+    pass
+
+
+@pytest.mark.parametrize("megabytes", [0, 11], ids=["one-request", "multipart"])
+def test_a_write_that_raises_publishes_nothing(s3, megabytes):
+    """The writer fails after some bytes (a crash inside Parquet encoding, say): the old object
+    stays whole, no partial object appears, and no multipart upload is left open."""
+    client, bucket, options = s3
+    fs = s3fs.S3FileSystem(key="test", secret="test", default_block_size=5 * 2**20,
+                           client_kwargs={"endpoint_url": options["endpoint_url"],
+                                          "region_name": "us-east-1"}, skip_instance_cache=True)
+    client.put_object(Bucket=bucket, Key="data/old.parquet", Body=b"old, whole")
+
+    def dies_midway(handle):
+        handle.write(b"x" * (megabytes * 2**20 + 1024))
+        raise WriterDied
+
+    for key in ("data/old.parquet", "data/new.parquet"):
+        with pytest.raises(WriterDied):
+            atomic_write(fs, f"{bucket}/{key}", dies_midway)
+    assert keys_under(client, bucket, "data/") == ["data/old.parquet"]
+    assert client.get_object(Bucket=bucket, Key="data/old.parquet")["Body"].read() == b"old, whole"
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
