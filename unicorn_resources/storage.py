@@ -283,6 +283,23 @@ def copy_file(src_fs: fsspec.AbstractFileSystem, src: str, dst_fs: fsspec.Abstra
     return digest.hexdigest(), size
 
 
+def scan_shards(name: str, uris: list[str], options: dict | None) -> pl.LazyFrame:
+    """One lazy scan over shard files written by different versions of an asset: the union of
+    their columns (read from each file's footer), null where a file has none, as the eager path's
+    diagonal concat gives. A column whose type differs between files is refused, naming both."""
+    union: dict[str, tuple[pl.DataType, str]] = {}
+    for uri in uris:
+        for column, dtype in pl.scan_parquet(uri, storage_options=options).collect_schema().items():
+            seen = union.setdefault(column, (dtype, uri))
+            if seen[0] != dtype:
+                raise ValueError(
+                    f"{name}: column {column!r} is {seen[0]} in {seen[1]} but {dtype} in {uri}: "
+                    f"the shards were written by different versions; re-materialise {name} for "
+                    "the older shards")
+    return pl.scan_parquet(uris, storage_options=options, missing_columns="insert",
+                           schema=pl.Schema({c: dtype for c, (dtype, _) in union.items()}))
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     """Stores each asset (partition) as one Parquet file under `base_uri`:
     `<base>/<asset>/<partition>.parquet` for per-shard assets, `<base>/<asset>.parquet` otherwise.
@@ -372,7 +389,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         lazy = context.dagster_type.typing_type is pl.LazyFrame
         options = self.s3.polars_options(uris[0])
         if lazy:
-            return pl.scan_parquet(uris, storage_options=options) if uris else pl.LazyFrame()
+            return scan_shards(name, uris, options) if uris else pl.LazyFrame()
         frames = [pl.read_parquet(u, storage_options=options) for u in uris]
         return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
 

@@ -117,6 +117,55 @@ def test_an_unpartitioned_asset_scans_every_shard_lazily(tmp_path: Path, instanc
         assert con.execute("select sum(n) from corpus_count").fetchone() == (8,)
 
 
+# the columns the next materialisation of `versioned_rows` adds: a newer version of the asset
+NEW_COLUMNS: dict[str, pl.Series] = {}
+
+
+@dg.asset(partitions_def=seed_shards)
+def versioned_rows(context: dg.AssetExecutionContext) -> dict[str, pl.DataFrame]:
+    return {key: pl.DataFrame({"shard": [key, key]}).with_columns(*NEW_COLUMNS.values())
+            for key in context.partition_keys}
+
+
+@dg.asset
+def versioned_corpus(versioned_rows: pl.LazyFrame) -> pl.DataFrame:
+    return versioned_rows.sort("shard").collect()
+
+
+def test_a_lazy_corpus_reads_shards_of_older_and_newer_versions(tmp_path: Path, instance):
+    """Shard a written before a column was added, b after (in either order of the files): one
+    scan with the column null for a, as the eager path reads them."""
+    data = tmp_path / "data"
+    instance.add_dynamic_partitions(SEED_SHARDS, ["a", "b", "c"])
+    NEW_COLUMNS.clear()
+    run(instance, data, [versioned_rows], "b")
+    NEW_COLUMNS["sha256"] = pl.Series("sha256", ["d1", "d2"])
+    run(instance, data, [versioned_rows], "a")
+    NEW_COLUMNS.clear()
+    run(instance, data, [versioned_rows], "c")
+    result = run(instance, data, [versioned_rows.to_source_asset(), versioned_corpus])
+    assert result.success
+    corpus = pl.read_parquet(data / "versioned_corpus.parquet")
+    assert corpus.rows() == [("a", "d1"), ("a", "d2"), ("b", None), ("b", None), ("c", None),
+                             ("c", None)]
+
+
+def test_a_column_whose_type_changed_between_shards_is_named(tmp_path: Path, instance):
+    data = tmp_path / "data"
+    instance.add_dynamic_partitions(SEED_SHARDS, ["a", "b"])
+    NEW_COLUMNS.update(score=pl.Series("score", [1, 2]))
+    run(instance, data, [versioned_rows], "a")
+    NEW_COLUMNS.update(score=pl.Series("score", [0.5, 0.7]))
+    run(instance, data, [versioned_rows], "b")
+    NEW_COLUMNS.clear()
+    result = run(instance, data, [versioned_rows.to_source_asset(), versioned_corpus],
+                 raise_on_error=False)
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.to_string()
+    assert "versioned_rows: column 'score' is Int64 in" in message and "but Float64 in" in message
+    assert "re-materialise versioned_rows for the older shards" in message
+
+
 def test_the_catalog_can_be_rebuilt_from_the_files(tmp_path: Path, instance):
     data = tmp_path / "data"
     instance.add_dynamic_partitions(SEED_SHARDS, ["a", "b"])
