@@ -334,7 +334,8 @@ def test_selection_refuses_scores_of_an_image_rendered_again_until_it_is_rescore
     (failure,) = [e for e in refused.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_key == "synthvlm_selection"
     assert (f"{stale.height} image(s) have no score of their own content ({stale.height} scored "
-            "with another image or caption text, 0 never scored; shards ['shard-a'])"
+            "with another image or caption text, 0 scored without digests by an older version, "
+            "0 never scored; shards ['shard-a'])"
             in failure.event_specific_data.error.to_string())
 
     rescored = shard_job.execute_in_process(instance=branch["instance"], partition_key="shard-a",

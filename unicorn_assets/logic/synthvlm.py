@@ -269,12 +269,17 @@ def pair_scores(images: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     joined = scores.join(images, on=list(SCORED_CONTENT), how="inner", suffix="_image")
     unpaired = images.join(scores, on=list(SCORED_CONTENT), how="anti")
     if unpaired.height:
-        stale = unpaired.join(scores.select("image_id"), on="image_id", how="semi")
+        found = scores.select("image_id", pl.any_horizontal(
+            pl.col("sha256", "caption_sha256").is_null()).alias("_undigested"))
+        kinds = unpaired.join(found, on="image_id", how="left")["_undigested"]
+        undigested = int(kinds.sum() or 0)  # scored by a version before the digests
+        other = int(kinds.is_not_null().sum()) - undigested
         raise ValueError(
-            f"{unpaired.height} image(s) have no score of their own content ({stale.height} "
-            f"scored with another image or caption text, {unpaired.height - stale.height} never "
-            f"scored; shards {sorted(set(unpaired['shard']))}): materialise image_scores for "
-            "those shards, then select again")
+            f"{unpaired.height} image(s) have no score of their own content ({other} scored "
+            f"with another image or caption text, {undigested} scored without digests by an "
+            f"older version, {kinds.is_null().sum()} never scored; shards "
+            f"{sorted(set(unpaired['shard']))}): materialise image_scores for those shards, "
+            "then select again")
     return joined
 
 

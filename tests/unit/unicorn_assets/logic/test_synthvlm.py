@@ -400,7 +400,8 @@ def test_a_score_of_another_caption_text_or_image_file_is_refused(change):
                                  .then(pl.lit("three cats" if change == "caption" else "d9"))
                                  .otherwise(pl.col(change)).alias(change))
     with pytest.raises(ValueError, match=r"1 image\(s\) have no score of their own content \(1 "
-                       r"scored with another image or caption text, 0 never scored; shards \['s'\]"):
+                       r"scored with another image or caption text, 0 scored without digests by "
+                       r"an older version, 0 never scored; shards \['s'\]"):
         sv.pair_scores(images, scores)
 
 
@@ -408,9 +409,16 @@ def test_scores_made_before_digests_are_refused_with_the_fix():
     images, scores = _images_and_scores()
     with pytest.raises(ValueError, match="re-materialise image_scores"):
         sv.pair_scores(images, scores.drop("caption_sha256"))
+    # one shard scored before digests, read beside newer shards: its digests are null
+    older = scores.with_columns(pl.when(pl.col("image_id") == "i1").then(None)
+                                .otherwise(pl.col("sha256")).alias("sha256"))
+    with pytest.raises(ValueError, match=r"\(0 scored with another image or caption text, 1 "
+                       r"scored without digests by an older version, 0 never scored"):
+        sv.pair_scores(images, older)
 
 
 def test_an_image_never_scored_is_refused():
     images, scores = _images_and_scores()
-    with pytest.raises(ValueError, match=r"\(0 scored with another image or caption text, 1 never"):
+    with pytest.raises(ValueError, match=r"\(0 scored with another image or caption text, 0 "
+                       r"scored without digests by an older version, 1 never scored"):
         sv.pair_scores(images, scores.filter(pl.col("image_id") == "i0"))
