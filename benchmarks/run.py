@@ -71,6 +71,11 @@ def fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def ratio_cell(ratio: float | None) -> str:
+    """The ratio in bold; a dash where there is none (a zero baseline)."""
+    return "–" if ratio is None else f"**{fmt(ratio)}**"
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -109,7 +114,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {number}{chr(96 + letters[number])} | {row['bench'].split('. ', 1)[1]}: "
             f"{row['measure']} | {fmt(row['value'])} {row['unit']} | {row['baseline']}: "
-            f"{fmt(row['baseline_value'])} | **{fmt(row['ratio'])}** | {row['target']}{met} | "
+            f"{fmt(row['baseline_value'])} | {ratio_cell(row['ratio'])} | {row['target']}{met} | "
             f"{row['runs']} | {row['note']} |")
     for name in BENCHMARKS:
         error = report["benchmarks"].get(name, {}).get("error")
