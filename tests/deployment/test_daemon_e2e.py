@@ -287,25 +287,39 @@ def test_a_registered_shard_never_made_is_made_by_the_nightly_then_the_corpus(st
     assert stack.instance.get_run_by_id(corpus.run_id).tags["dagster/sensor_name"] == NIGHTLY
 
 
+def shards_of(stack: DaemonStack, run: dg.DagsterRun) -> set[str]:
+    """The shards a run covers: its partition, or its partition range in the shards' order (a
+    run of several shards); none for a corpus-wide run."""
+    if "dagster/partition" in run.tags:
+        return {run.tags["dagster/partition"]}
+    first = run.tags.get("dagster/asset_partition_range_start")
+    if first is None:
+        return set()
+    order = stack.instance.get_dynamic_partitions("seed_shards")
+    return set(order[order.index(first):
+                     order.index(run.tags["dagster/asset_partition_range_end"]) + 1])
+
+
 def test_the_nightly_regeneration_redoes_only_what_is_stale(stack):
     """By now many nightly ticks (one a minute) have passed over fresh shards (the sensor's, the
     backfill's, the retried one) and a corpus made stale by new shards, which the last case saw
-    remade. The nightly redid no fresh shard. The only shards it may have run are those of the
-    5 commands: each command registers every seed file, so a shard can sit registered and
-    missing (stale) until its own command starts its run."""
-    runs = nightly_runs(stack)
-    assert any(STATISTICS in (r.asset_selection or set()) for r in runs)
+    remade. The nightly redid no fresh shard. It made the late shard, and the only other shards
+    it may have run are those of the 5 commands: each command registers every seed file, so a
+    shard can sit registered and missing (stale) until its own command starts its run; a tick
+    that finds several of them submits a backfill (emit_backfills)."""
+    backfills = [b.backfill_id for b in stack.instance.get_backfills()
+                 if b.tags.get("dagster/sensor_name") == NIGHTLY]
+    runs = {r.run_id: r for r in nightly_runs(stack)}
+    runs.update({r.run_id: r for b in backfills for r in stack.runs(tags={"dagster/backfill": b})})
+    assert any(STATISTICS in (r.asset_selection or set()) for r in runs.values())
     commands = {f"cli-{i}" for i in range(5)}
-    for run in runs:
-        assert run.tags.get("dagster/partition", "cli-0") in commands | {LATE}, run.tags
-    assert any(r.tags.get("dagster/partition") == LATE for r in runs)
-    assert not [b for b in stack.instance.get_backfills()
-                if b.tags.get("dagster/sensor_name") == NIGHTLY]
-    nightly_ids = {r.run_id for r in runs}
+    covered = {key for run in runs.values() for key in shards_of(stack, run)}
+    assert LATE in covered
+    assert covered <= commands | {LATE}, covered
     for key in set(stack.instance.get_dynamic_partitions("seed_shards")) - commands:
         made = materializations(stack, STAGE1, key)
         assert len(made) == (2 if key == "killed" else 1), key  # killed: the run and its retry
-        assert bool({r.run_id for r in made} & nightly_ids) == (key == LATE), key
+        assert bool({r.run_id for r in made} & set(runs)) == (key == LATE), key
 
 
 def test_the_stack_survived(stack):
