@@ -7,7 +7,6 @@ Per shard: `synthvlm_candidates` -> `synthetic_images` (files under the storage 
 Corpus-wide: `synthvlm_selection` -> `synthvlm_dataset` (an export folder with its manifest).
 """
 
-import base64
 import json
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -562,8 +561,7 @@ def _histograms(io_manager: ParquetIOManager, selection: pl.DataFrame) -> dict:
         uri = storage_uri(io_manager, "synthvlm_selection", f"{column}_histogram.png")
         fs, path = io_manager.s3.fs(uri)
         write_bytes(fs, path, png)
-        data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        meta[f"{column}_histogram"] = dg.MetadataValue.md(f"![{title}]({data_uri})")
+        meta[f"{column}_histogram"] = dg.MetadataValue.md(img.png_markdown(png, title))
         meta[f"{column}_histogram_file"] = dg.MetadataValue.path(uri)
     return meta
 

@@ -19,7 +19,6 @@ since that is what a trained model sees at inference. Per method:
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unicorn_assets.logic.images import png_markdown
 from unicorn_assets.logic.modality import (
     EmbeddingSummary,
     ModalityStatistics,
@@ -258,5 +258,4 @@ def figures_png(figures: dict[str, dict[str, float]], title: str = "alignment by
 
 def figures_png_markdown(figures: dict[str, dict[str, float]],
                          title: str = "alignment by method") -> str:
-    data = base64.b64encode(figures_png(figures, title)).decode("ascii")
-    return f"![{title}](data:image/png;base64,{data})"
+    return png_markdown(figures_png(figures, title), title)

@@ -22,7 +22,6 @@ counts with the truncated share where they are given.
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Iterable, Sequence
 
@@ -197,7 +196,7 @@ def word_histogram_png(n_words: pl.Series, bins: int = 20, title: str = "caption
     return images.histogram_png(title, {label: values}, bins=bins, xlabel="words",
                                 ylabel="captions")
 
+
 def word_histogram_markdown(n_words: pl.Series, title: str = "caption length in words") -> str:
     """The histogram as a Markdown image with a data: URI (Dagster shows it in the UI)."""
-    data = base64.b64encode(word_histogram_png(n_words, title=title)).decode("ascii")
-    return f"![{title}](data:image/png;base64,{data})"
+    return images.png_markdown(word_histogram_png(n_words, title=title), title)

@@ -84,6 +84,11 @@ def thumbnail_data_uri(image: Image.Image, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_image(thumb, "png")).decode("ascii")
 
 
+def png_markdown(png: bytes, title: str) -> str:
+    """PNG bytes as a Markdown image with a data: URI (Dagster's UI shows it inline)."""
+    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
 def histogram_png(title: str, series: Mapping[str, Sequence[float]], bins: int = 20,
                   xlabel: str | None = None, ylabel: str = "images") -> bytes:
     """Overlaid histograms (e.g. before / after selection) as a PNG, each labelled with its n."""
