@@ -20,6 +20,28 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+# methods whose training vectors were moved to the images (or, with none, not moved): a real
+# image's embedding is used as it is, l2-normalised
+IMAGES_AS_THEY_ARE = ("mean_shift_to_image_mean", "realign", "none")
+
+
+def map_image_embedding(e: np.ndarray, method: str, mu_image: np.ndarray | None) -> np.ndarray:
+    """A real image's embedding (one (dim,) vector or (n, dim) rows) as `method`'s inference
+    recipe maps it, float64: l2norm(e - mu_image) for the paper's mean_shift, l2norm(e) for the
+    others."""
+    e = np.asarray(e, dtype=np.float64)
+    e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+    if method in IMAGES_AS_THEY_ARE:
+        return e
+    if method != "mean_shift":
+        raise ValueError(f"transfer method {method!r} is unknown to this reader: update "
+                         "unicorn_resources/export_reader.py")
+    if mu_image is None:
+        raise ValueError("mean_shift centres real images by their mean: pass mu_image, the mean "
+                         "of your images' l2-normalised embeddings")
+    centred = e - np.asarray(mu_image, dtype=np.float64)
+    return centred / np.linalg.norm(centred, axis=-1, keepdims=True)
+
 
 class UnicornExport:
     def __init__(self, folder: str | Path):
@@ -62,21 +84,14 @@ class UnicornExport:
         leave it None to use the reference-image mean the export ships. For
         mean_shift_to_image_mean, realign and none: e itself (l2-normalised), since the training
         vectors were moved to the images (or, with none, not moved at all)."""
-        e = np.asarray(e, dtype=np.float64)
-        e = e / np.linalg.norm(e, axis=-1, keepdims=True)
         method = self.manifest["transfer"]["method"]
-        if method in ("mean_shift_to_image_mean", "realign", "none"):
-            return e.astype(np.float32)
-        if method != "mean_shift":
-            raise ValueError(f"this export's transfer method {method!r} is unknown to this reader: "
-                             "update unicorn_resources/export_reader.py")
-        if mu_image is None:
+        if method == "mean_shift" and mu_image is None:
             mu_image = self.statistics().get("mu_image")
-        if mu_image is None:
-            raise ValueError("this export ships no mu_image (no reference_images were set): pass "
-                             "mu_image, the mean of your images' l2-normalised embeddings")
-        centred = e - np.asarray(mu_image, dtype=np.float64)
-        return (centred / np.linalg.norm(centred, axis=-1, keepdims=True)).astype(np.float32)
+            if mu_image is None:
+                raise ValueError("this export ships no mu_image (no reference_images were set): "
+                                 "pass mu_image, the mean of your images' l2-normalised "
+                                 "embeddings")
+        return map_image_embedding(e, method, mu_image).astype(np.float32)
 
     def unicorn_pairs(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         """(record, float32 vector) of the `unicorn` format (unicorn/records.json with

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from unicorn_assets.logic.quality import Outcome
+from unicorn_resources.export_reader import map_image_embedding
 
 EMBEDDING = "embedding"
 BATCH_ROWS = 16_384  # rows per streamed batch: 48 MiB of float32 at 768 dimensions
@@ -353,16 +354,10 @@ def transfer_arrays(u: np.ndarray, stats: ModalityStatistics) -> tuple[np.ndarra
 
 def image_side(e: np.ndarray, stats: ModalityStatistics, mu_image: np.ndarray | None = None
                ) -> np.ndarray:
-    """A real image's embedding as the method's inference recipe maps it: l2norm(e - mu_image)
-    for mean_shift (mu_image: yours, else the shipped one), e itself for the others."""
-    e, _ = _l2norm(np.asarray(e, dtype=np.float64))
-    if stats.method != "mean_shift":
-        return e
-    mu = stats.mu_image if mu_image is None else mu_image
-    if mu is None:
-        raise ValueError("mean_shift centres real images by their mean: pass mu_image, the mean of "
-                         "your images' l2-normalised embeddings")
-    return _l2norm(e - mu)[0]
+    """A real image's embedding as the method's inference recipe maps it (the export reader's
+    mapping): l2norm(e - mu_image) for mean_shift (mu_image: yours, else the shipped one), e
+    itself for the others."""
+    return map_image_embedding(e, stats.method, stats.mu_image if mu_image is None else mu_image)
 
 
 def realign_drift(embeddings: pl.LazyFrame | pl.DataFrame, mu_text: np.ndarray,
