@@ -54,7 +54,7 @@ def test_alignment_report_on_real_coco_pairs(tmp_path: Path, instance, seed_dir)
             assert isinstance(value, dg.FloatMetadataValue)
             assert value.value == pytest.approx(direct[name], rel=1e-4, abs=1e-5), (method, name)
     assert meta["none/knn_overlap"].value == 1.0
-    # mean shift removes the offset between the modalities even with random weights (geometry)
+    # realign removes the offset between the modalities even with random weights (geometry)
     assert meta["realign/centroid_gap"].value < meta["none/centroid_gap"].value / 10
     assert abs(np.log(meta["realign/trace_ratio"].value)) < 0.1
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from unicorn_assets.logic.images import png_markdown
 from unicorn_assets.logic.modality import (
+    TRANSFER_METHODS,
     EmbeddingSummary,
     ModalityStatistics,
     image_side,
@@ -38,7 +39,8 @@ from unicorn_assets.logic.modality import (
 from unicorn_assets.logic.quality import Outcome
 from unicorn_resources.keys import is_inside
 
-METHODS = ("none", "mean_shift", "mean_shift_to_image_mean", "realign")
+# every transfer method, the untransferred baseline first
+METHODS = ("none", *(m for m in TRANSFER_METHODS if m != "none"))
 FIGURES = {
     "centroid_gap": "||mean(text') - mean(image')||",
     "pair_cosine": "mean cosine of each caption's vector with its own image's",
