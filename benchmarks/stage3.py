@@ -34,6 +34,7 @@ from benchmarks.common import (
     workdir,
 )
 from tests.support import COCO_PAIRS
+from unicorn_assets.logic.modality import NEEDS_IMAGES
 
 FULL = {"captions": 4096, "batch_size": 256, "runs": 3,
         "corpus_rows": 262_144, "corpus_shards": 4, "dim": 768,
@@ -170,7 +171,7 @@ def transfer_config(method: str) -> dict[str, Any]:
     """modality_statistics' run config for `method`: realign (and mean_shift_to_image_mean) take
     their image statistics from the 79 real COCO images in ../shared/data."""
     config: dict[str, Any] = {"transfer": {"method": method}}
-    if method in ("realign", "mean_shift_to_image_mean"):
+    if method in NEEDS_IMAGES:
         config["reference_images"] = str(COCO_PAIRS.parent)
     return {"ops": {"modality_statistics": {"config": config}}}
 
@@ -183,7 +184,7 @@ def corpus_run(tmp: Path, rows: int, shards: int, dim: int, runs: int,
     from unicorn_assets.partitions import SEED_SHARDS
 
     clip = None
-    if method in ("realign", "mean_shift_to_image_mean"):  # image statistics of the corpus width
+    if method in NEEDS_IMAGES:  # image statistics at the corpus width
         clip = {"model_name": WIDE_CLIP, "model_config_path": str(wide_clip_config(tmp, dim))}
     with pipeline(tmp, tmp / "seeds", {"backend": "fake"}, [corpus_job], clip) as (instance, defs):
         keys = write_corpus(tmp / "data", rows, shards, dim, defs.resources["clip"].model_id,
